@@ -1,0 +1,40 @@
+"""Class names and colour palettes of the label sets the pipeline knows."""
+
+from __future__ import annotations
+
+# Cityscapes' 19 evaluation classes in train-id order, with the official colours.
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+
+
+def default_classes(num_classes: int) -> list[str]:
+    """Cityscapes names for 19 classes (the pipeline's default label set), generic names otherwise."""
+    if num_classes == len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def default_palette(num_classes: int) -> list[list[int]]:
+    """Cityscapes colours for 19 classes, otherwise the VOC bit-interleaved colour map (distinct, deterministic)."""
+    if num_classes == len(CITYSCAPES_PALETTE):
+        return [list(c) for c in CITYSCAPES_PALETTE]
+    palette = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append([r, g, b])
+    return palette

@@ -1,0 +1,1 @@
+"""TransKD distillation methods and baselines (see ../shared/TRANSKD.md)."""

@@ -1,0 +1,447 @@
+"""Load and save SegFormer weights: our safetensors + JSON sidecar, and Hugging Face, NVlabs and mmseg imports."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import CheckpointError, CheckpointWarning
+from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline.models.mit import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
+from pipeline.models.segformer import ModelMeta, SegFormer
+
+SIDECAR_FORMAT = "transkd-deploy/segformer"
+FORMATS = ("ours", "nvlabs", "hf", "mmseg")
+
+
+class Cat:
+    """Our tensor is the row-wise concatenation of several foreign tensors (Hugging Face key + value -> kv)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+
+class Rows:
+    """Our tensor is rows [i/n, j/n) of one foreign tensor (mmseg's packed q|k|v in_proj -> q and kv)."""
+
+    def __init__(self, name: str, i: int, j: int, n: int) -> None:
+        self.names, self.i, self.j, self.n = (name,), i, j, n
+
+
+class Conv1x1:
+    """The foreign layer is a 1x1 Conv2d where ours is a Linear: weight O x I x 1 x 1 -> O x I."""
+
+    def __init__(self, name: str) -> None:
+        self.names = (name,)
+
+
+# Where each of our tensors lives in the foreign formats. {s}: stage (0-based), {s1}: stage (1-based),
+# {b}: block, {p}: parameter or buffer name, {bb}: the backbone prefix found in the file ("backbone.",
+# "segformer." or "" for encoder-only files). None: the format has no such tensor.
+#   nvlabs: NVlabs/SegFormer (mmseg 0.x based; the TransKD reference code uses the same names)
+#   hf:     Hugging Face SegformerForSemanticSegmentation as save_pretrained writes it
+#   mmseg:  mmsegmentation >= 0.20 and 1.x MixVisionTransformer + SegformerHead
+SCOPES = {  # scope: prefix per format (ours, nvlabs, hf, mmseg)
+    "embed": ("encoder.stages.{s}.embed.", "{bb}patch_embed{s1}.", "{bb}encoder.patch_embeddings.{s}.",
+              "{bb}layers.{s}.0."),
+    "block": ("encoder.stages.{s}.blocks.{b}.", "{bb}block{s1}.{b}.", "{bb}encoder.block.{s}.{b}.",
+              "{bb}layers.{s}.1.{b}."),
+    "stage": ("encoder.stages.{s}.", "{bb}", "{bb}encoder.", "{bb}layers.{s}."),
+    "stage_head": ("head.", "decode_head.", "decode_head.", "decode_head."),
+    "head": ("head.", "decode_head.", "decode_head.", "decode_head."),
+}
+MAPPING = [  # (scope, ours, nvlabs, hf, mmseg)
+    ("embed", "proj.{p}", "proj.{p}", "proj.{p}", "projection.{p}"),
+    ("embed", "norm.{p}", "norm.{p}", "layer_norm.{p}", "norm.{p}"),
+    ("block", "norm1.{p}", "norm1.{p}", "layer_norm_1.{p}", "norm1.{p}"),
+    ("block", "attn.q.{p}", "attn.q.{p}", "attention.self.query.{p}", Rows("attn.attn.in_proj_{p}", 0, 1, 3)),
+    ("block", "attn.kv.{p}", "attn.kv.{p}", Cat("attention.self.key.{p}", "attention.self.value.{p}"),
+     Rows("attn.attn.in_proj_{p}", 1, 3, 3)),
+    ("block", "attn.sr.{p}", "attn.sr.{p}", "attention.self.sr.{p}", "attn.sr.{p}"),
+    ("block", "attn.sr_norm.{p}", "attn.norm.{p}", "attention.self.layer_norm.{p}", "attn.norm.{p}"),
+    ("block", "attn.proj.{p}", "attn.proj.{p}", "attention.output.dense.{p}", "attn.attn.out_proj.{p}"),
+    ("block", "norm2.{p}", "norm2.{p}", "layer_norm_2.{p}", "norm2.{p}"),
+    ("block", "ffn.fc1.{p}", "mlp.fc1.{p}", "mlp.dense1.{p}", Conv1x1("ffn.layers.0.{p}")),
+    ("block", "ffn.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "ffn.layers.1.{p}"),
+    ("block", "ffn.fc2.{p}", "mlp.fc2.{p}", "mlp.dense2.{p}", Conv1x1("ffn.layers.4.{p}")),
+    ("stage", "norm.{p}", "norm{s1}.{p}", "layer_norm.{s}.{p}", "2.{p}"),
+    ("stage_head", "proj.{s}.{p}", "linear_c{s1}.proj.{p}", "linear_c.{s}.proj.{p}", Conv1x1("convs.{s}.conv.{p}")),
+    ("stage_head", "proj_bn.{s}.{p}", None, None, "convs.{s}.bn.{p}"),
+    ("head", "fuse.{p}", "linear_fuse.conv.{p}", "linear_fuse.{p}", "fusion_conv.conv.{p}"),
+    ("head", "bn.{p}", "linear_fuse.bn.{p}", "batch_norm.{p}", "fusion_conv.bn.{p}"),
+    ("head", "classifier.{p}", "linear_pred.{p}", "classifier.{p}", "conv_seg.{p}"),
+]
+PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+# transformers >= 5 renamed SegFormer's modules in memory (save_pretrained still writes the names above);
+# a state dict taken from such a model is renamed back first.
+HF5_RENAMES = [
+    (r"(^|\.)stages\.(\d+)\.patch_embeddings\.", r"\1encoder.patch_embeddings.\2."),
+    (r"(^|\.)stages\.(\d+)\.blocks\.", r"\1encoder.block.\2."),
+    (r"(^|\.)stages\.(\d+)\.layer_norm\.", r"\1encoder.layer_norm.\2."),
+    (r"attention\.q_proj\.", "attention.self.query."),
+    (r"attention\.k_proj\.", "attention.self.key."),
+    (r"attention\.v_proj\.", "attention.self.value."),
+    (r"attention\.sequence_reduction\.sequence_reduction\.", "attention.self.sr."),
+    (r"attention\.sequence_reduction\.layer_norm\.", "attention.self.layer_norm."),
+    (r"attention\.o_proj\.", "attention.output.dense."),
+    (r"mlp\.fc1\.", "mlp.dense1."),
+    (r"mlp\.fc2\.", "mlp.dense2."),
+    (r"layernorm_before\.", "layer_norm_1."),
+    (r"layernorm_after\.", "layer_norm_2."),
+    (r"decode_head\.linear_projections\.", "decode_head.linear_c."),
+]
+FORMAT_NAMES = {"ours": "transkd-deploy", "nvlabs": "NVlabs/mmseg-0.x SegFormer", "hf": "Hugging Face SegFormer",
+                "mmseg": "mmsegmentation MiT/SegFormer"}
+
+
+def _expand(scope: str, template, fmt: str, **idx) -> tuple[object, list[str]]:
+    """The foreign tensor names behind one table cell, with the transform that makes ours from them."""
+    col = FORMATS.index(fmt)
+    prefix = SCOPES[scope][col]
+    names = [template] if isinstance(template, str) else list(template.names)
+    return template, [(prefix + n).format(**idx) for n in names]
+
+
+def mapping_for(model: SegFormer, fmt: str, bb: str) -> dict[str, tuple[object, list[str]]]:
+    """Our state-dict key -> (transform, foreign names) for every tensor of `model`, read off the table."""
+    cfg = model.config
+    ours = set(model.state_dict())
+    out: dict[str, tuple[object, list[str]]] = {}
+    for scope, *cells in MAPPING:
+        ours_t, foreign_t = cells[0], cells[FORMATS.index(fmt)]
+        if foreign_t is None:
+            continue
+        for s in range(len(cfg.dims)):
+            blocks = range(cfg.depths[s]) if scope == "block" else [0]
+            for b in blocks:
+                for p in PARAMS:
+                    idx = dict(s=s, s1=s + 1, b=b, p=p, bb=bb)
+                    key = (SCOPES[scope][0] + ours_t).format(**idx)
+                    if key in ours:
+                        out[key] = _expand(scope, foreign_t, fmt, **idx)
+            if scope == "head":
+                break
+    return out
+
+
+def _convert(template, tensors: list[torch.Tensor]) -> torch.Tensor:
+    if isinstance(template, Cat):
+        return torch.cat(tensors, dim=0)
+    t = tensors[0]
+    if isinstance(template, Rows):
+        n = t.shape[0]
+        return t[n * template.i // template.n : n * template.j // template.n]
+    if isinstance(template, Conv1x1) and t.dim() == 4:
+        return t.reshape(t.shape[0], t.shape[1])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"the global {m.group(1)}" if m else "a non-tensor object"
+        raise CheckpointError(
+            f"{path}: refused to unpickle {what} (foreign checkpoints load with weights_only=True); "
+            "re-save its state dict alone, e.g. torch.save(ckpt['state_dict'], 'weights.pth')"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}") from None
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {first}") from None
+
+
+def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: a directory must be a Hugging Face save_pretrained folder with config.json")
+    hf_config = _read_json(config_file)
+    if hf_config.get("model_type") != "segformer":
+        raise CheckpointError(
+            f"{config_file}: model_type is {hf_config.get('model_type')!r}, expected 'segformer'"
+        )
+    for index_name, loader in (("model.safetensors.index.json", _safetensors_load),
+                               ("pytorch_model.bin.index.json", _torch_load)):
+        if (path / index_name).is_file():
+            shards = sorted(set(_read_json(path / index_name).get("weight_map", {}).values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(path / shard))
+            return state, {"hf_config": hf_config}
+    for name, loader in (("model.safetensors", _safetensors_load), ("pytorch_model.bin", _torch_load)):
+        if (path / name).is_file():
+            return loader(path / name), {"hf_config": hf_config}
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The raw state dict of a file or folder, and what it says about itself (config, sidecar, meta)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _read_hf_dir(path)
+    if path.suffix == ".safetensors":
+        state, extra = _safetensors_load(path), {}
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            info = _read_json(sidecar)
+            if info.get("format") == SIDECAR_FORMAT:
+                if info.get("sha256") != sha256_file(path):
+                    raise CheckpointError(
+                        f"{path}: sha256 differs from the one recorded in {sidecar.name}; "
+                        "the weights changed after the sidecar was written"
+                    )
+                extra["sidecar"] = info
+        return state, extra
+    obj = _torch_load(path)
+    extra = {}
+    if isinstance(obj, dict):
+        if isinstance(obj.get("meta"), dict):
+            extra["meta"] = obj["meta"]
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    return dict(obj), extra
+
+
+# ----------------------------------------------------------------------------------- recognising the layout
+
+
+def _detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, str]:
+    """Which key scheme the file uses and the backbone prefix in front of its encoder keys."""
+    for fmt in FORMATS:
+        _, (anchor,) = _expand("embed", MAPPING[0][1 + FORMATS.index(fmt)], fmt, s=0, s1=1, b=0, p="weight", bb="")
+        for key in state:
+            if key.endswith(anchor):
+                bb = key[: -len(anchor)]
+                if bb == "" or bb.endswith("."):
+                    return fmt, bb
+    shown = ", ".join(list(state)[:4])
+    raise CheckpointError(
+        f"{path}: not a SegFormer/MiT checkpoint; no key scheme of {', '.join(FORMAT_NAMES.values())} "
+        f"matches (first keys: {shown})"
+    )
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(re.search(r"(^|\.)stages\.0\.patch_embeddings\.proj\.weight$", k) for k in state):
+        renamed = {}
+        for k, v in state.items():
+            for pattern, repl in HF5_RENAMES:
+                k = re.sub(pattern, repl, k)
+            renamed[k] = v
+        state = renamed
+    return state
+
+
+def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None, path: Path):
+    """Architecture from tensor shapes (widths, depths, reduction ratios, head), heads from config or table."""
+
+    def name(scope: str, ours_t: str, **idx) -> str:
+        row = next(r for r in MAPPING if r[0] == scope and r[1] == ours_t)
+        _, names = _expand(scope, row[1 + FORMATS.index(fmt)], fmt, bb=bb, **idx)
+        return names[0]
+
+    dims, depths, sr, patch = [], [], [], []
+    while (k := name("embed", "proj.{p}", s=len(dims), s1=len(dims) + 1, p="weight")) in state:
+        s = len(dims)
+        dims.append(state[k].shape[0])
+        patch.append(state[k].shape[-1])
+        depth = 0
+        while name("block", "norm1.{p}", s=s, s1=s + 1, b=depth, p="weight") in state:
+            depth += 1
+        depths.append(depth)
+        srk = name("block", "attn.sr.{p}", s=s, s1=s + 1, b=0, p="weight")
+        sr.append(state[srk].shape[-1] if srk in state else 1)
+    fc1 = state.get(name("block", "ffn.fc1.{p}", s=0, s1=1, b=0, p="weight"))
+    if fc1 is None or 0 in depths:
+        raise CheckpointError(f"{path}: {FORMAT_NAMES[fmt]} keys found, but stage blocks are missing")
+    cls_key = name("head", "classifier.{p}", s=0, s1=1, p="weight")
+    fuse_key = name("head", "fuse.{p}", s=0, s1=1, p="weight")
+    has_head = cls_key in state and fuse_key in state
+
+    hf = extra.get("hf_config", {})
+    side = extra.get("sidecar", {})
+    table = variant_of(dims, depths)
+    if side.get("config"):
+        heads = tuple(side["config"]["heads"])
+    elif hf.get("num_attention_heads"):
+        heads = tuple(hf["num_attention_heads"])
+    elif table:
+        heads = VARIANTS[table][2]
+    else:
+        raise CheckpointError(
+            f"{path}: widths {dims} / depths {depths} are not a MiT-B0..B5 layout and the file does not say "
+            "its attention heads; convert it with a config that names them"
+        )
+    if has_head:
+        decoder_dim, ckpt_classes = state[fuse_key].shape[0], state[cls_key].shape[0]
+    else:
+        decoder_dim = hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256)
+        ckpt_classes = None
+    if side.get("config"):
+        cfg = SegFormerConfig.from_dict(side["config"])
+    else:
+        cfg = SegFormerConfig(
+            variant=variant_of(dims, depths, heads, decoder_dim) or "custom",
+            dims=tuple(dims), depths=tuple(depths), heads=heads, decoder_dim=decoder_dim,
+            num_classes=ckpt_classes or 19, sr_ratios=tuple(sr), mlp_ratio=fc1.shape[0] // dims[0],
+            patch_sizes=tuple(patch), strides=tuple((k + 1) // 2 for k in patch),
+            head_style="mmseg" if fmt == "mmseg" and has_head else "mlp",
+            norm_eps=NORM_EPS.get(fmt, NORM_EPS["nvlabs"]),
+        )
+    if num_classes is not None and num_classes != cfg.num_classes:
+        cfg = SegFormerConfig(**{**asdict(cfg), "num_classes": num_classes})
+    return cfg, has_head
+
+
+def _infer_meta(cfg: SegFormerConfig, extra: dict, source: str) -> ModelMeta:
+    meta = ModelMeta.default(cfg.num_classes)
+    meta.source = source
+    side = extra.get("sidecar")
+    if side:
+        meta = ModelMeta(
+            classes=list(side["classes"]), palette=[list(c) for c in side["palette"]],
+            mean=tuple(side["normalization"]["mean"]), std=tuple(side["normalization"]["std"]),
+            input_size=tuple(side["input_size"]), source=side.get("source", source),
+        )
+    classes, palette = None, None
+    if "hf_config" in extra:
+        labels = extra["hf_config"].get("id2label") or {}
+        names = [labels.get(str(i)) for i in range(cfg.num_classes)]
+        if all(names) and not all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+            classes = names
+    if "meta" in extra:  # mmseg 0.x: meta.CLASSES / PALETTE; mmseg 1.x: meta.dataset_meta.classes / palette
+        m = extra["meta"]
+        dm = m.get("dataset_meta") if isinstance(m.get("dataset_meta"), dict) else {}
+        classes = m.get("CLASSES") or dm.get("classes")
+        palette = m.get("PALETTE") or dm.get("palette")
+    if classes is not None and len(classes) == cfg.num_classes:
+        meta.classes = [str(c) for c in classes]
+    if palette is not None and len(palette) == cfg.num_classes:
+        meta.palette = [[int(v) for v in c] for c in palette]
+    return meta
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None = None) -> SegFormer:
+    """Build and fill a SegFormer from any supported checkpoint; the format and variant come from the keys.
+
+    strict=True (default): every tensor of the model must come from the file and every tensor of the file
+    must be used, else CheckpointError lists the differences. strict=False loads what fits (an encoder-only
+    ImageNet MiT checkpoint, or a head with another class count given by `num_classes`) and warns with the
+    lists of what was skipped or left at its initial value.
+    """
+    path = Path(path)
+    state, extra = _read(path)
+    state = _normalise_keys(state)
+    fmt, bb = _detect(state, path)
+    cfg, has_head = _infer_config(state, fmt, bb, extra, num_classes, path)
+    model = SegFormer(cfg)
+    model.meta = _infer_meta(cfg, extra, f"{FORMAT_NAMES[fmt]}: {path}")
+
+    expected = model.state_dict()
+    mapping = mapping_for(model, fmt, bb)
+    loaded, missing, mismatched, used = {}, [], [], set()
+    for key, (template, names) in mapping.items():
+        if not all(n in state for n in names):
+            if not key.endswith("num_batches_tracked"):  # a BN step counter; absent from many exports
+                missing.append(key)
+            continue
+        used.update(names)
+        tensor = _convert(template, [state[n] for n in names])
+        if tensor.shape != expected[key].shape:
+            mismatched.append(f"{'+'.join(names)} {tuple(tensor.shape)} vs {key} {tuple(expected[key].shape)}")
+            continue
+        loaded[key] = tensor
+    unexpected = sorted(set(state) - used)
+    unmapped = sorted(set(expected) - set(mapping))
+    if unmapped:  # the table lacks a row for one of our own tensors: a bug here, never the file's fault
+        raise RuntimeError(f"checkpoint mapping table has no row for {_listing(unmapped)}")
+
+    where = f"{path} ({FORMAT_NAMES[fmt]}, {cfg.variant})"
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_listing(mismatched, 4)}")
+    if problems and strict:
+        hint = ""
+        if not has_head:
+            hint = "encoder-only checkpoint (no decode head): load it with strict=False to initialise a backbone; "
+        raise CheckpointError(f"{where}: {hint}{'; '.join(problems)}")
+    if problems:
+        warnings.warn(f"{where}: loaded non-strictly; {'; '.join(problems)}", CheckpointWarning, stacklevel=2)
+    model.load_state_dict(loaded, strict=False)
+    return model.eval()
+
+
+def save_model(model: SegFormer, path: str | Path, *, source: str | None = None) -> Path:
+    """Write `path` (.safetensors) and its JSON sidecar atomically; only the model's own tensors are saved."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a .safetensors file name")
+    sidecar = path.with_suffix(".json")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = model.meta
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"format": SIDECAR_FORMAT})
+        info = {
+            "format": SIDECAR_FORMAT,
+            "variant": model.config.variant,
+            "config": asdict(model.config),
+            "num_classes": model.config.num_classes,
+            "classes": list(meta.classes),
+            "palette": [list(c) for c in meta.palette],
+            "normalization": {"mean": list(meta.mean), "std": list(meta.std), "space": "RGB, 0..255",
+                              "layout": "NCHW float32"},
+            "input_size": list(meta.input_size),
+            "source": source or meta.source,
+            "parameters": sum(v.numel() for k, v in model.named_parameters()),
+            "torch": torch.__version__,
+            "sha256": sha256_file(tmp),
+        }
+        write_json(sidecar, info)
+    return path

@@ -1,0 +1,135 @@
+"""SegFormer: MiT encoder plus the all-MLP decode head; `forward` gives logits, `features` the distillation taps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.data.classes import default_classes, default_palette
+from pipeline.errors import InputError
+from pipeline.models.mit import MixTransformer, SegFormerConfig
+
+# ImageNet statistics on a 0..255 RGB scale: what pretrained SegFormer weights expect.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+# Below this the deepest key/value reduction (stride 4 * 8) leaves no token.
+MIN_INPUT_SIDE = 32
+
+
+@dataclass
+class ModelMeta:
+    """What a deployed model needs besides its weights: label set, colours, input contract, provenance."""
+
+    classes: list[str]
+    palette: list[list[int]]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_size: tuple[int, int] = (512, 1024)
+    source: str = "random init"
+
+    @classmethod
+    def default(cls, num_classes: int) -> ModelMeta:
+        return cls(default_classes(num_classes), default_palette(num_classes))
+
+
+@dataclass
+class Taps:
+    """What distillation reads from a forward pass, per stage (shallowest first), and the logits."""
+
+    embeddings: list[torch.Tensor]  # B x N_i x C_i: normalised patch tokens as stage i's blocks receive them
+    sizes: list[tuple[int, int]]  # (H_i, W_i) of each token grid, N_i = H_i * W_i
+    maps: list[torch.Tensor]  # B x C_i x H_i x W_i: stage outputs
+    logits: torch.Tensor  # B x classes x H_1 x W_1 (1/4 of the input)
+
+
+class SegFormerHead(nn.Module):
+    """Project every stage to D channels, upsample to stage 1, fuse with 1x1 conv + BN + ReLU, classify."""
+
+    def __init__(self, cfg: SegFormerConfig) -> None:
+        super().__init__()
+        d = cfg.decoder_dim
+        self.style = cfg.head_style
+        mmseg = cfg.head_style == "mmseg"
+        self.proj = nn.ModuleList(nn.Linear(c, d, bias=not mmseg) for c in cfg.dims)
+        self.proj_bn = nn.ModuleList(nn.BatchNorm2d(d) for _ in cfg.dims) if mmseg else None
+        self.act = nn.ReLU()  # a module, not F.relu, so module-hook FLOP counters see it as mmcv's would
+        self.fuse = nn.Conv2d(d * len(cfg.dims), d, 1, bias=False)
+        self.bn = nn.BatchNorm2d(d)
+        self.dropout = nn.Dropout2d(cfg.dropout)
+        self.classifier = nn.Conv2d(d, cfg.num_classes, 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        size = maps[0].shape[2:]
+        outs = []
+        for i, m in enumerate(maps):
+            b, _, h, w = m.shape
+            y = self.proj[i](m.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+            if self.proj_bn is not None:
+                y = self.act(self.proj_bn[i](y))
+            if i > 0:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            outs.append(y)
+        if self.style == "mlp":
+            outs.reverse()
+        x = self.act(self.bn(self.fuse(torch.cat(outs, dim=1))))
+        return self.classifier(self.dropout(x))
+
+
+class SegFormer(nn.Module):
+    """The segmentation network; its `config` fixes the architecture, its `meta` travels into every sidecar."""
+
+    def __init__(self, config: SegFormerConfig, meta: ModelMeta | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.meta = meta or ModelMeta.default(config.num_classes)
+        self.encoder = MixTransformer(config)
+        self.head = SegFormerHead(config)
+        self.apply(_init_weights)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # shapes are fixed while exporting; checking them would only bake constants into the graph
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"model input: expected a B x 3 x H x W float tensor (normalised RGB), got {shape}")
+        if x.shape[2] < MIN_INPUT_SIDE or x.shape[3] < MIN_INPUT_SIDE:
+            raise InputError(
+                f"model input: {x.shape[2]} x {x.shape[3]} is too small, expected H and W >= {MIN_INPUT_SIDE}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at 1/4 of the input resolution (ceil for sizes that are not multiples of 4)."""
+        self._check_input(x)
+        maps, _, _ = self.encoder(x)
+        return self.head(maps)
+
+    def features(self, x: torch.Tensor) -> Taps:
+        """One forward pass that also returns the stage maps and patch embeddings distillation compares."""
+        self._check_input(x)
+        maps, embeddings, sizes = self.encoder(x)
+        return Taps(embeddings, sizes, maps, self.head(maps))
+
+
+def _init_weights(m: nn.Module) -> None:
+    # The reference initialisation (NVlabs MiT): it matters when a student trains without pre-training.
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def build_model(variant: str = "mit_b0", num_classes: int = 19, **overrides) -> SegFormer:
+    """A randomly initialised SegFormer of a table variant (`mit_b0`..`mit_b5`); overrides set config fields."""
+    return SegFormer(SegFormerConfig.from_variant(variant, num_classes, **overrides))
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelMeta", "SegFormer", "SegFormerHead", "Taps", "build_model"]

@@ -1,0 +1,93 @@
+"""SegFormer / MiT models: parameter anchors, taps, odd input sizes, clear errors."""
+
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.models import VARIANTS, SegFormerConfig, build_model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_anchors_of_the_reference_pair():
+    # ../shared/TRANSKD.md: B0 3,719,027 and B2 27.36 M parameters with 19 classes
+    assert n_params(build_model("mit_b0", num_classes=19)) == 3_719_027
+    assert round(n_params(build_model("mit_b2", num_classes=19)) / 1e6, 2) == 27.36
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_builds_from_the_table_and_runs(variant):
+    dims, depths, heads, dec = VARIANTS[variant]
+    model = build_model(variant, num_classes=7).eval()
+    assert [len(s.blocks) for s in model.encoder.stages] == list(depths)
+    assert [s.embed.proj.out_channels for s in model.encoder.stages] == list(dims)
+    assert [s.blocks[0].attn.heads for s in model.encoder.stages] == list(heads)
+    assert model.head.fuse.out_channels == dec
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7, 16, 16)
+
+
+def test_features_return_the_distillation_taps():
+    model = build_model("mit_b0").eval()
+    x = torch.randn(2, 3, 128, 256)
+    with torch.inference_mode():
+        taps = model.features(x)
+        logits = model(x)
+    assert taps.sizes == [(32, 64), (16, 32), (8, 16), (4, 8)]
+    for emb, (h, w), fmap, c in zip(taps.embeddings, taps.sizes, taps.maps, (32, 64, 160, 256)):
+        assert emb.shape == (2, h * w, c)
+        assert fmap.shape == (2, c, h, w)
+    # the embedding is the LayerNormed patch tokens: zero mean, unit variance per token before the affine
+    stage = model.encoder.stages[0]
+    raw = stage.embed.proj(x).flatten(2).transpose(1, 2)
+    expected = torch.nn.functional.layer_norm(raw, (32,), stage.embed.norm.weight, stage.embed.norm.bias, 1e-5)
+    assert torch.allclose(taps.embeddings[0], expected, atol=1e-5)
+    assert torch.equal(taps.logits, logits)
+    assert logits.shape == (2, 19, 32, 64)
+
+
+@pytest.mark.parametrize("size", [(200, 328), (97, 131), (33, 45)])
+def test_sizes_that_are_not_multiples_of_32(size):
+    h, w = size
+    model = build_model("mit_b0").eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, h, w))
+    assert out.shape == (1, 19, -(-h // 4), -(-w // 4))
+    assert torch.isfinite(out).all()
+
+
+def test_gradients_reach_every_parameter():
+    model = build_model("mit_b0", num_classes=5).train()
+    model(torch.randn(2, 3, 64, 96)).logsumexp(1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mmseg_style_head_differs_only_in_the_head():
+    mlp = build_model("mit_b0")
+    mmseg = build_model("mit_b0", head_style="mmseg")
+    d = 256
+    # per stage: no linear bias (-d), a BatchNorm with weight and bias (+2d)
+    assert n_params(mmseg) - n_params(mlp) == 4 * d
+
+
+def test_unknown_variant_names_the_close_matches():
+    with pytest.raises(InputError, match=r"unknown model variant 'mit_b9'.*mit_b"):
+        build_model("mit_b9")
+    with pytest.raises(InputError, match="num_classes"):
+        build_model("mit_b0", num_classes=0)
+    with pytest.raises(InputError, match="head_style"):
+        SegFormerConfig.from_variant("mit_b0", head_style="fpn")
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 1, 64, 64), (1, 4, 64, 64), (1, 3, 64, 64, 1)])
+def test_wrong_input_rank_or_channels(shape):
+    model = build_model("mit_b0").eval()
+    with pytest.raises(InputError, match=r"expected a B x 3 x H x W"):
+        model(torch.randn(*shape))
+
+
+def test_too_small_input_is_refused():
+    with pytest.raises(InputError, match=">= 32"):
+        build_model("mit_b0").eval()(torch.randn(1, 3, 16, 64))
