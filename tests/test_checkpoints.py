@@ -15,6 +15,7 @@ from pipeline.models.checkpoints import mapping_for
 from tests.conftest import max_diff
 from tests.reference_segformer import MmSegFormer, NvSegFormer, randomize_
 
+
 def hf_model(variant: str, num_labels: int = 19, cls=SegformerForSemanticSegmentation):
     dims, depths, heads, dec = VARIANTS[variant]
     cfg = HFConfig(hidden_sizes=list(dims), depths=list(depths), num_attention_heads=list(heads),

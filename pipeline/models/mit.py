@@ -100,6 +100,20 @@ def variant_of(dims, depths, heads=None, decoder_dim=None) -> str | None:
     return None
 
 
+def grid_of(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """B x N x C tokens as a B x C x H x W map without a copy (the map is channels-last in memory).
+
+    Convolutions take channels-last maps directly, and `tokens_of` turns their channels-last output back
+    into tokens as a view: the encoder never transposes a full-resolution tensor in memory.
+    """
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def tokens_of(fmap: torch.Tensor) -> torch.Tensor:
+    """B x C x H x W map -> B x (H*W) x C tokens (a view when the map is channels-last)."""
+    return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a sample's residual branch with probability p while training."""
 
@@ -125,8 +139,7 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)
-        h, w = x.shape[2], x.shape[3]
-        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+        return self.norm(tokens_of(x)), x.shape[2], x.shape[3]
 
 
 class EfficientSelfAttention(nn.Module):
@@ -148,8 +161,7 @@ class EfficientSelfAttention(nn.Module):
         d = c // self.heads
         q = self.q(x).reshape(b, n, self.heads, d).transpose(1, 2)
         if self.sr_ratio > 1:
-            r = self.sr(x.transpose(1, 2).reshape(b, c, h, w))
-            x = self.sr_norm(r.flatten(2).transpose(1, 2))
+            x = self.sr_norm(tokens_of(self.sr(grid_of(x, h, w))))
         k, v = self.kv(x).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -165,9 +177,7 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.fc1(x)
-        b, n, c = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+        x = tokens_of(self.dwconv(grid_of(self.fc1(x), h, w)))
         return self.fc2(F.gelu(x))
 
 
@@ -204,9 +214,7 @@ class Stage(nn.Module):
         embedding = tokens
         for block in self.blocks:
             tokens = block(tokens, h, w)
-        tokens = self.norm(tokens)
-        fmap = tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-        return fmap, embedding, (h, w)
+        return grid_of(self.norm(tokens), h, w), embedding, (h, w)
 
 
 class MixTransformer(nn.Module):

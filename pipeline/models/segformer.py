@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.data.classes import default_classes, default_palette
 from pipeline.errors import InputError
-from pipeline.models.mit import MixTransformer, SegFormerConfig
+from pipeline.models.mit import MixTransformer, SegFormerConfig, grid_of, tokens_of
 
 # ImageNet statistics on a 0..255 RGB scale: what pretrained SegFormer weights expect.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -66,8 +66,7 @@ class SegFormerHead(nn.Module):
         size = maps[0].shape[2:]
         outs = []
         for i, m in enumerate(maps):
-            b, _, h, w = m.shape
-            y = self.proj[i](m.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+            y = grid_of(self.proj[i](tokens_of(m)), m.shape[2], m.shape[3])
             if self.proj_bn is not None:
                 y = self.act(self.proj_bn[i](y))
             if i > 0:
@@ -76,7 +75,8 @@ class SegFormerHead(nn.Module):
         if self.style == "mlp":
             outs.reverse()
         x = self.act(self.bn(self.fuse(torch.cat(outs, dim=1))))
-        return self.classifier(self.dropout(x))
+        # the maps are channels-last views; hand out plain NCHW logits (a small copy at 1/4 resolution)
+        return self.classifier(self.dropout(x)).contiguous()
 
 
 class SegFormer(nn.Module):
