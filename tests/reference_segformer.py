@@ -140,6 +140,7 @@ class NvHead(nn.Module):
             setattr(self, f"linear_c{i + 1}", NvMLP(dims[i], d))
         self.linear_fuse = ConvBnRelu(4 * d, d)
         self.linear_pred = nn.Conv2d(d, classes, 1)
+        self.conv_seg = nn.Conv2d(d, classes, 1)  # built by mmseg 0.x BaseDecodeHead, never used by SegFormer
 
     def forward(self, feats):
         size = feats[0].shape[2:]

@@ -81,6 +81,9 @@ MAPPING = [  # (scope, ours, nvlabs, hf, mmseg)
     ("head", "classifier.{p}", "linear_pred.{p}", "classifier.{p}", "conv_seg.{p}"),
 ]
 PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# Tensors a format carries that no SegFormer uses: NVlabs' head inherits mmseg 0.x BaseDecodeHead, which
+# always builds a `conv_seg` classifier; SegFormerHead predicts with `linear_pred` and leaves it untrained.
+UNUSED = {"nvlabs": re.compile(r"^decode_head\.conv_seg\.")}
 
 # transformers >= 5 renamed SegFormer's modules in memory (save_pretrained still writes the names above);
 # a state dict taken from such a model is renamed back first.
@@ -394,7 +397,8 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
             mismatched.append(f"{'+'.join(names)} {tuple(tensor.shape)} vs {key} {tuple(expected[key].shape)}")
             continue
         loaded[key] = tensor
-    unexpected = sorted(set(state) - used)
+    unused = UNUSED.get(fmt)
+    unexpected = sorted(k for k in set(state) - used if not (unused and unused.match(k)))
     unmapped = sorted(set(expected) - set(mapping))
     if unmapped:  # the table lacks a row for one of our own tensors: a bug here, never the file's fault
         raise RuntimeError(f"checkpoint mapping table has no row for {_listing(unmapped)}")
