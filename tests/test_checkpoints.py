@@ -214,6 +214,15 @@ def test_custom_architecture_round_trips_through_the_sidecar(tmp_path):
     assert torch.equal(logits(loaded, x), logits(model, x))
 
 
+def test_a_sidecar_config_with_unknown_fields_is_refused(tmp_path):
+    save_model(build_model("mit_b0"), tmp_path / "student.safetensors")
+    info = json.loads((tmp_path / "student.json").read_text())
+    info["config"]["window"] = 7
+    (tmp_path / "student.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"student\.json: config: .*unknown field\(s\) window"):
+        load_model(tmp_path / "student.safetensors")
+
+
 def test_weights_changed_after_the_sidecar_are_refused(tmp_path):
     model = build_model("mit_b0")
     save_model(model, tmp_path / "student.safetensors")

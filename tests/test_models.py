@@ -77,6 +77,8 @@ def test_unknown_variant_names_the_close_matches():
         build_model("mit_b9")
     with pytest.raises(InputError, match="num_classes"):
         build_model("mit_b0", num_classes=0)
+    with pytest.raises(InputError, match="unknown field.*depth"):
+        build_model("mit_b0", depth=(1, 1, 1, 1))
     with pytest.raises(InputError, match="head_style"):
         SegFormerConfig.from_variant("mit_b0", head_style="fpn")
 

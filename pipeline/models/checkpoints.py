@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import CheckpointError, CheckpointWarning
+from pipeline.errors import CheckpointError, CheckpointWarning, InputError
 from pipeline.io import atomic_path, sha256_file, write_json
 from pipeline.models.mit import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
 from pipeline.models.segformer import ModelMeta, SegFormer
@@ -107,12 +107,11 @@ FORMAT_NAMES = {"ours": "transkd-deploy", "nvlabs": "NVlabs/mmseg-0.x SegFormer"
                 "mmseg": "mmsegmentation MiT/SegFormer"}
 
 
-def _expand(scope: str, template, fmt: str, **idx) -> tuple[object, list[str]]:
-    """The foreign tensor names behind one table cell, with the transform that makes ours from them."""
-    col = FORMATS.index(fmt)
-    prefix = SCOPES[scope][col]
+def _foreign_names(scope: str, template, fmt: str, **idx) -> list[str]:
+    """The foreign tensor names behind one table cell (several for Cat)."""
+    prefix = SCOPES[scope][FORMATS.index(fmt)]
     names = [template] if isinstance(template, str) else list(template.names)
-    return template, [(prefix + n).format(**idx) for n in names]
+    return [(prefix + n).format(**idx) for n in names]
 
 
 def mapping_for(model: SegFormer, fmt: str, bb: str) -> dict[str, tuple[object, list[str]]]:
@@ -124,16 +123,13 @@ def mapping_for(model: SegFormer, fmt: str, bb: str) -> dict[str, tuple[object, 
         ours_t, foreign_t = cells[0], cells[FORMATS.index(fmt)]
         if foreign_t is None:
             continue
-        for s in range(len(cfg.dims)):
-            blocks = range(cfg.depths[s]) if scope == "block" else [0]
-            for b in blocks:
+        for s in [0] if scope == "head" else range(len(cfg.dims)):
+            for b in range(cfg.depths[s]) if scope == "block" else [0]:
                 for p in PARAMS:
                     idx = dict(s=s, s1=s + 1, b=b, p=p, bb=bb)
                     key = (SCOPES[scope][0] + ours_t).format(**idx)
                     if key in ours:
-                        out[key] = _expand(scope, foreign_t, fmt, **idx)
-            if scope == "head":
-                break
+                        out[key] = (foreign_t, _foreign_names(scope, foreign_t, fmt, **idx))
     return out
 
 
@@ -247,7 +243,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, str]:
     """Which key scheme the file uses and the backbone prefix in front of its encoder keys."""
     for fmt in FORMATS:
-        _, (anchor,) = _expand("embed", MAPPING[0][1 + FORMATS.index(fmt)], fmt, s=0, s1=1, b=0, p="weight", bb="")
+        (anchor,) = _foreign_names("embed", MAPPING[0][1 + FORMATS.index(fmt)], fmt, s=0, s1=1, p="weight", bb="")
         for key in state:
             if key.endswith(anchor):
                 bb = key[: -len(anchor)]
@@ -278,8 +274,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
 
     def name(scope: str, ours_t: str, **idx) -> str:
         row = next(r for r in MAPPING if r[0] == scope and r[1] == ours_t)
-        _, names = _expand(scope, row[1 + FORMATS.index(fmt)], fmt, bb=bb, **idx)
-        return names[0]
+        return _foreign_names(scope, row[1 + FORMATS.index(fmt)], fmt, bb=bb, **idx)[0]
 
     dims, depths, sr, patch = [], [], [], []
     while (k := name("embed", "proj.{p}", s=len(dims), s1=len(dims) + 1, p="weight")) in state:
@@ -319,7 +314,10 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
         decoder_dim = hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256)
         ckpt_classes = None
     if side.get("config"):
-        cfg = SegFormerConfig.from_dict(side["config"])
+        try:
+            cfg = SegFormerConfig.from_dict(side["config"])
+        except (InputError, TypeError) as e:
+            raise CheckpointError(f"{path.with_suffix('.json')}: config: {e}") from None
     else:
         cfg = SegFormerConfig(
             variant=variant_of(dims, depths, heads, decoder_dim) or "custom",

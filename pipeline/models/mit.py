@@ -71,12 +71,9 @@ class SegFormerConfig:
             close = difflib.get_close_matches(variant, VARIANTS, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise InputError(f"unknown model variant {variant!r}{hint}; expected one of {', '.join(VARIANTS)}")
-        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
         dims, depths, heads, decoder_dim = VARIANTS[variant]
         fields = dict(dims=dims, depths=depths, heads=heads, decoder_dim=decoder_dim, num_classes=num_classes)
-        fields.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        fields.update(cls._checked_fields(overrides))
         # a table architecture keeps its name; any change to widths, depths, heads or decoder makes it "custom"
         name = variant_of(fields["dims"], fields["depths"], fields["heads"], fields["decoder_dim"])
         fields.setdefault("variant", variant if name == variant else "custom")
@@ -84,11 +81,15 @@ class SegFormerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SegFormerConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
+        """The config a sidecar recorded (lists from JSON become tuples)."""
+        return cls(**cls._checked_fields(d))
+
+    @classmethod
+    def _checked_fields(cls, d: dict) -> dict:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def variant_of(dims, depths, heads=None, decoder_dim=None) -> str | None:
