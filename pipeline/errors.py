@@ -9,6 +9,10 @@ class InputError(PipelineError, ValueError):
     """A tensor or argument of the wrong kind was passed to the public API."""
 
 
+class ConfigError(PipelineError, ValueError):
+    """A configuration value (method name, loss weight, model pairing) is unknown or inconsistent."""
+
+
 class CheckpointError(PipelineError):
     """A checkpoint file could not be read or does not fit the model it should initialise."""
 

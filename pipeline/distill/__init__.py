@@ -1,1 +1,5 @@
-"""TransKD distillation methods and baselines (see ../shared/TRANSKD.md)."""
+"""TransKD distillation methods and baselines (see ../shared/TRANSKD.md): `build_method(name, teacher, student)`."""
+
+from pipeline.distill.methods import METHODS, DistillMethod, MethodSpec, build_method
+
+__all__ = ["METHODS", "DistillMethod", "MethodSpec", "build_method"]

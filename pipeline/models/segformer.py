@@ -44,6 +44,12 @@ class Taps:
     sizes: list[tuple[int, int]]  # (H_i, W_i) of each token grid, N_i = H_i * W_i
     maps: list[torch.Tensor]  # B x C_i x H_i x W_i: stage outputs
     logits: torch.Tensor  # B x classes x H_1 x W_1 (1/4 of the input)
+    image: torch.Tensor  # the input batch itself: the Embedding Assistant embeds it again
+
+    def map(self, fn) -> Taps:
+        """The same taps with `fn` applied to every tensor (e.g. clone inference tensors for autograd)."""
+        return Taps([fn(e) for e in self.embeddings], list(self.sizes), [fn(m) for m in self.maps],
+                    fn(self.logits), fn(self.image))
 
 
 class SegFormerHead(nn.Module):
@@ -61,6 +67,13 @@ class SegFormerHead(nn.Module):
         self.bn = nn.BatchNorm2d(d)
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.classifier = nn.Conv2d(d, cfg.num_classes, 1)
+
+    def reset_parameters(self) -> None:
+        # mmcv ConvModule's Kaiming init for the fusion conv; a small classifier (std 0.01, as mmseg's decode
+        # heads) so a fresh model starts near uniform class probabilities; PyTorch defaults for the projections
+        nn.init.kaiming_normal_(self.fuse.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         size = maps[0].shape[2:]
@@ -88,7 +101,8 @@ class SegFormer(nn.Module):
         self.meta = meta or ModelMeta.default(config.num_classes)
         self.encoder = MixTransformer(config)
         self.head = SegFormerHead(config)
-        self.apply(_init_weights)
+        self.encoder.apply(_init_weights)
+        self.head.reset_parameters()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -111,11 +125,11 @@ class SegFormer(nn.Module):
         """One forward pass that also returns the stage maps and patch embeddings distillation compares."""
         self._check_input(x)
         maps, embeddings, sizes = self.encoder(x)
-        return Taps(embeddings, sizes, maps, self.head(maps))
+        return Taps(embeddings, sizes, maps, self.head(maps), x)
 
 
 def _init_weights(m: nn.Module) -> None:
-    # The reference initialisation (NVlabs MiT): it matters when a student trains without pre-training.
+    # The reference encoder initialisation (NVlabs MiT): it matters when a student trains without pre-training.
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:

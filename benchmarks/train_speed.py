@@ -1,0 +1,102 @@
+"""Training-step throughput of each distillation method against the student alone, side by side.
+
+    python benchmarks/train_speed.py --method none kd cwd review transkd-base transkd-gl transkd-ea \
+        --teacher mit_b2 --student mit_b0 --size 256x512 --batch 2 [--json FILE]
+
+One step = teacher taps (no autograd) + student taps + the method's loss + backward + AdamW step. The methods
+are timed in alternating rounds on the same batch, so every ratio compares steps taken under the same machine
+state; `none` is always included as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.flops import parse_size  # noqa: E402
+from pipeline.distill import METHODS, build_method  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.models import VARIANTS, build_model  # noqa: E402
+
+
+def make_step(name: str, teacher, student_variant: str, x: torch.Tensor, y: torch.Tensor):
+    student = build_model(student_variant).train()
+    method = build_method(name, teacher, student)
+    method.modules.train()
+    opt = torch.optim.AdamW(list(student.parameters()) + list(method.modules.parameters()), lr=6e-5)
+
+    def step() -> float:
+        loss = method.loss(student.features(x), method.teacher_features(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss["total"].backward()
+        opt.step()
+        return loss["total"].item()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--teacher", default="mit_b2", choices=list(VARIANTS))
+    ap.add_argument("--student", default="mit_b0", choices=list(VARIANTS))
+    ap.add_argument("--size", default="256x512")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    ap.add_argument("--iters", type=int, default=2, help="steps per method per round")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    try:
+        h, w = parse_size(args.size)
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        x = torch.randn(args.batch, 3, h, w)
+        y = torch.randint(0, 19, (args.batch, h, w))
+        teacher = build_model(args.teacher)
+        names = ["none"] + [m for m in dict.fromkeys(args.method) if m != "none"]
+        steps = {n: make_step(n, teacher, args.student, x, y) for n in names}
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                steps[n]()
+                times[n].append(time.perf_counter() - t0)
+    base = statistics.median(times["none"])
+    rows = []
+    for n in names:
+        med = statistics.median(times[n])
+        rows.append({"method": n, "step_ms_median": med * 1e3, "step_ms_min": min(times[n]) * 1e3,
+                     "images_per_s": args.batch / med, "relative_to_none": base / med, "samples": len(times[n])})
+    print(f"training step, teacher {args.teacher} -> student {args.student}, batch {args.batch}, {h}x{w}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| method | ms / step (median) | images / s | throughput vs none |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_ms_median']:.0f} | {r['images_per_s']:.2f} | {r['relative_to_none']:.2f}x |")
+    if args.json:
+        env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+               "teacher": args.teacher, "student": args.student, "batch": args.batch, "size": f"{h}x{w}"}
+        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
