@@ -267,4 +267,5 @@ def test_bad_configs_fail_before_training(b2_b0):
         build_method("none", None, student, class_weights=[1, 2, 3])
     # the student alone needs no teacher; a narrower "teacher" is fine for logit KD, which has no modules
     assert n_params(build_method("none", None, student).modules) == 0
+    assert n_params(build_method("review", None, student, hcl=0).modules) == 0
     build_method("kd", build_model("mit_b0"), build_model("mit_b1"))

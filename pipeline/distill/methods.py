@@ -171,6 +171,8 @@ def build_method(name: str, teacher: SegFormer | None, student: SegFormer, **ove
     if needs_teacher and teacher is None:
         raise ConfigError(f"method {name}: needs a teacher model, none was given")
     modules = spec.modules + (("cwd_proj",) if options.get("cwd_on") == "maps" else ())
+    if not needs_teacher:
+        modules = ()  # every distillation term is weighted 0: nothing to align, nothing to train besides the student
     if teacher is not None and needs_teacher:
         _check_pair(name, teacher.config, s_cfg, modules, weights)
     _check_options(name, options, s_cfg)
