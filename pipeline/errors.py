@@ -13,6 +13,10 @@ class ConfigError(PipelineError, ValueError):
     """A configuration value (method name, loss weight, model pairing) is unknown or inconsistent."""
 
 
+class DataError(PipelineError):
+    """A dataset file or folder is missing, unreadable or inconsistent (the message names the file)."""
+
+
 class CheckpointError(PipelineError):
     """A checkpoint file could not be read or does not fit the model it should initialise."""
 

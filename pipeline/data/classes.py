@@ -15,6 +15,19 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 
+# Cityscapes labelIds (the ids in *_gtFine_labelIds.png) of the 19 train ids above, in train-id order;
+# every other label id (unlabeled, ego vehicle, ground, parking, guard rail, ...) is ignored (255).
+CITYSCAPES_LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+IGNORE_INDEX = 255
+
+
+def cityscapes_label_to_train_lut() -> list[int]:
+    """A 256-entry lookup table: Cityscapes labelId -> train id (255 for ignored ids)."""
+    lut = [IGNORE_INDEX] * 256
+    for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS):
+        lut[label_id] = train_id
+    return lut
+
 
 def default_classes(num_classes: int) -> list[str]:
     """Cityscapes names for 19 classes (the pipeline's default label set), generic names otherwise."""
