@@ -1,4 +1,4 @@
-# CPU image of the pipeline as it stands: models, checkpoint import and the FLOPs/speed benchmarks.
+# CPU image of the pipeline as it stands: data, training, distillation, evaluation and the benchmarks.
 # The TensorRT (datacenter GPU) and Jetson images replace this once the export stage exists.
 FROM python:3.11.7-slim-bookworm
 
@@ -13,4 +13,5 @@ COPY pipeline/ pipeline/
 COPY benchmarks/ benchmarks/
 COPY trt/ trt/
 
-CMD ["python", "benchmarks/flops.py", "--model", "mit_b2", "mit_b0", "--size", "512x1024"]
+# the main job on the built-in synthetic data; mount a volume on /opt/transkd-deploy/runs to keep the results
+CMD ["python", "-m", "pipeline.run", "distill"]

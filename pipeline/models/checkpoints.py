@@ -420,8 +420,9 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
     return model.eval()
 
 
-def save_model(model: SegFormer, path: str | Path, *, source: str | None = None) -> Path:
-    """Write `path` (.safetensors) and its JSON sidecar atomically; only the model's own tensors are saved."""
+def save_model(model: SegFormer, path: str | Path, *, source: str | None = None, extra: dict | None = None) -> Path:
+    """Write `path` (.safetensors) and its JSON sidecar atomically; only the model's own tensors are saved.
+    `extra` adds fields to the sidecar (training step, validation mIoU, dataset, ...)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors file name")
@@ -443,6 +444,7 @@ def save_model(model: SegFormer, path: str | Path, *, source: str | None = None)
             "source": source or meta.source,
             "parameters": sum(v.numel() for k, v in model.named_parameters()),
             "torch": torch.__version__,
+            **(extra or {}),
             "sha256": sha256_file(tmp),
         }
         write_json(sidecar, info)

@@ -9,13 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.classes import default_classes, default_palette
+from pipeline.data.classes import IMAGENET_MEAN, IMAGENET_STD, default_classes, default_palette
 from pipeline.errors import InputError
 from pipeline.models.mit import MixTransformer, SegFormerConfig, grid_of, tokens_of
 
-# ImageNet statistics on a 0..255 RGB scale: what pretrained SegFormer weights expect.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # Below this the deepest key/value reduction (stride 4 * 8) leaves no token.
 MIN_INPUT_SIDE = 32
 

@@ -1,0 +1,245 @@
+"""Typed configuration: one dataclass per stage, YAML in, `key=value` overrides, validated with one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | cityscapes | acdc | nyuv2 | voc
+    root: str = "data/synthetic"  # dataset folder; the synthetic set is generated here when missing
+    size: tuple[int, int] = (128, 256)  # training crop and evaluation height, H x W
+    train_split: str = "train"
+    val_split: str = "val"
+    scale: tuple[float, float] = (0.5, 2.0)  # random rescale range while training
+    flip: bool = True
+    jitter: bool = True
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    skip_bad: bool = False  # log and skip unreadable or inconsistent samples instead of stopping
+    synthetic_train: int = 300  # size of the generated synthetic set
+    synthetic_val: int = 60
+    synthetic_size: tuple[int, int] = (256, 512)
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "mit_b0"
+    checkpoint: str = ""  # any file load_model accepts; empty: train it (teacher) or start fresh (student)
+    pretrained: str = ""  # encoder-only ImageNet MiT checkpoint to initialise the backbone from
+    steps: int = 0  # training steps for this model; 0: train.steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 4  # per process; the global batch is batch_size * accumulate * world size
+    accumulate: int = 1  # micro-batches per optimizer step
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 20
+    power: float = 1.0  # poly decay exponent
+    final_lr_ratio: float = 1 / 3  # the reference ends at 2e-5 from 6e-5
+    grad_clip: float = 0.0  # max gradient norm; 0: off
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, else off) | off | bf16 | fp16
+    channels_last: bool = True  # on CUDA
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: continue a run directory's last checkpoint | never
+
+
+@dataclass
+class DistillConfig:
+    method: str = "transkd-base"
+    weights: dict = field(default_factory=dict)  # loss weights and method options, e.g. {pea: 1.0, temperature: 4}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(variant="mit_b2"))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+CHOICES = {
+    "data.dataset": ("synthetic", "cityscapes", "acdc", "nyuv2", "voc"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.resume": ("auto", "never"),
+}
+
+
+def keys(cfg: Config | None = None) -> dict[str, object]:
+    """Every dotted key with its current value (the defaults when no config is given)."""
+    cfg = cfg or Config()
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _coerce(key: str, value, target_type, current):
+    """A YAML/CLI value as the field's type, or ConfigError naming the key and what was expected."""
+    origin = typing.get_origin(target_type)
+    if isinstance(current, tuple) or origin is tuple:
+        if isinstance(value, str):  # "128x256" or "0.5,2.0"
+            parts = value.lower().replace("x", ",").split(",")
+            value = [yaml.safe_load(p) for p in parts]
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise ConfigError(f"{key}={value!r}: expected {len(current)} values like "
+                              f"{'x'.join(str(v) for v in current)}")
+        return tuple(_coerce(key, v, type(c), c) for v, c in zip(value, current))
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if isinstance(current, (int, float)) and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = type(current)(value)
+    if isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if isinstance(current, dict):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a mapping like {{pea: 1.0}}")
+    if value is None:
+        return ""
+    return str(value)
+
+
+def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config:
+    """Set dotted keys on `cfg` (values already parsed from YAML or the command line)."""
+    known = keys(cfg)
+    hints = {t.__name__: typing.get_type_hints(t) for t in (DataConfig, ModelConfig, TrainConfig, DistillConfig,
+                                                              Config)}
+    where = f" (in {source})" if source else ""
+    for key, value in overrides.items():
+        if key.startswith("distill.weights.") and key.count(".") == 2:
+            cfg.distill.weights[key.split(".")[2]] = value
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"unknown key {key!r}{where}; {hint}valid keys: {', '.join(known)}")
+        section, _, name = key.rpartition(".")
+        obj = getattr(cfg, section) if section else cfg
+        target_type = hints[type(obj).__name__][name]
+        new = _coerce(key, value, target_type, getattr(obj, name))
+        if key in CHOICES and new not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r}{where}: expected one of {', '.join(CHOICES[key])}")
+        setattr(obj, name, new)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that a type alone does not express."""
+    t = cfg.train
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.accumulate": t.accumulate,
+                "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
+                "train.keep_checkpoints": t.keep_checkpoints}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: expected an integer >= 1")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr}: expected a number > 0")
+    if t.warmup_steps < 0 or not 0 <= t.final_lr_ratio <= 1:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.final_lr_ratio within [0, 1]")
+    if min(cfg.data.size) < 32:
+        raise ConfigError(f"data.size={cfg.data.size}: height and width must be >= 32")
+    if not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
+        raise ConfigError(f"data.scale={cfg.data.scale}: expected 0 < low <= high")
+    for key in ("teacher.steps", "student.steps"):
+        if keys(cfg)[key] < 0:
+            raise ConfigError(f"{key}: expected an integer >= 0")
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`key=value` strings from the command line; values parsed as YAML scalars (so 3, 1e-4, true work)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected key=value, e.g. train.steps=200")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested YAML mappings -> dotted keys (distill.weights stays a mapping)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "distill.weights":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then command-line overrides; every step validated."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, train, ...)")
+        apply(cfg, flatten(data), source=str(path))
+    apply(cfg, parse_overrides(overrides or []))
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["Config", "DataConfig", "DistillConfig", "ModelConfig", "TrainConfig", "apply", "dump", "keys", "load",
+           "parse_overrides"]

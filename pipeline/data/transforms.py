@@ -1,0 +1,135 @@
+"""Joint image/label transforms in OpenCV, shared by training, evaluation and INT8 calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.errors import InputError
+
+
+def normalize(rgb: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 H x W x 3 RGB -> float32 3 x H x W tensor `(rgb - mean) / std`, mean/std on the 0..255 scale."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InputError(f"normalize: expected an H x W x 3 RGB array, got shape {tuple(rgb.shape)}")
+    scale = 1.0 / np.asarray(std, np.float32)
+    x = (rgb.astype(np.float32) - np.asarray(mean, np.float32)) * scale
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def label_tensor(label: np.ndarray) -> torch.Tensor:
+    """uint8 H x W train ids -> int64 tensor (what cross-entropy and the confusion matrix index with)."""
+    return torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+def resize_to_height(rgb: np.ndarray, height: int) -> np.ndarray:
+    """The image scaled so its height is `height`, aspect kept (width rounded); unchanged if already so."""
+    h, w = rgb.shape[:2]
+    if h == height:
+        return rgb
+    width = max(1, round(w * height / h))
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _check_pair(rgb: np.ndarray, label: np.ndarray) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InputError(f"expected a uint8 H x W x 3 RGB image, got {rgb.dtype} {tuple(rgb.shape)}")
+    if label.shape != rgb.shape[:2]:
+        raise InputError(f"label {tuple(label.shape)} does not match image {tuple(rgb.shape[:2])}")
+
+
+class TrainTransform:
+    """Random rescale (relative to the crop height), crop with ignore padding, flip and photometric jitter.
+
+    Every random draw comes from the `rng` passed to `__call__`, in a fixed order and number whatever the
+    flags, so a sample's augmentation is a pure function of its seed: exact resume and the same batches for
+    any number of DataLoader workers depend on this.
+    """
+
+    def __init__(self, size: tuple[int, int] = (512, 1024), scale: tuple[float, float] = (0.5, 2.0),
+                 flip: bool = True, jitter: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.flip, self.jitter = flip, jitter
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, rgb: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_pair(rgb, label)
+        H, W = self.size
+        factor, crop_y, crop_x, flip, *jitter = rng.random(12)
+
+        h, w = rgb.shape[:2]
+        s = H / h * (self.scale[0] + factor * (self.scale[1] - self.scale[0]))
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+
+        if nh < H or nw < W:
+            pad = dict(top=0, bottom=max(0, H - nh), left=0, right=max(0, W - nw), borderType=cv2.BORDER_CONSTANT)
+            rgb = cv2.copyMakeBorder(rgb, **pad, value=(0, 0, 0))
+            label = cv2.copyMakeBorder(label, **pad, value=IGNORE_INDEX)
+        y0 = int(crop_y * (rgb.shape[0] - H + 1))
+        x0 = int(crop_x * (rgb.shape[1] - W + 1))
+        rgb, label = rgb[y0:y0 + H, x0:x0 + W], label[y0:y0 + H, x0:x0 + W]
+
+        if self.flip and flip < 0.5:
+            rgb, label = cv2.flip(rgb, 1), cv2.flip(label, 1)
+        if self.jitter:
+            rgb = photometric(rgb, np.asarray(jitter))
+        return normalize(rgb, self.mean, self.std), label_tensor(label)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(size={self.size}, scale={self.scale}, flip={self.flip}, jitter={self.jitter})"
+
+
+def photometric(rgb: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Brightness, contrast, saturation and hue changes, each applied half the time, from 8 uniforms in [0, 1).
+
+    Pairs (on/off, amount): brightness +-32, contrast x0.5..1.5, saturation x0.5..1.5, hue +-18 OpenCV hue
+    units (+-36 degrees): the ranges of mmsegmentation's PhotoMetricDistortion, which SegFormer and TransKD
+    train with.
+    """
+    bright_on, bright, contrast_on, contrast, sat_on, sat, hue_on, hue = u
+    x = rgb.astype(np.float32)
+    if bright_on < 0.5:
+        x += (bright - 0.5) * 64.0
+    if contrast_on < 0.5:
+        x *= 0.5 + contrast
+    if sat_on < 0.5 or hue_on < 0.5:
+        hsv = cv2.cvtColor(np.clip(x, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+        if sat_on < 0.5:
+            hsv[..., 1] *= 0.5 + sat
+        if hue_on < 0.5:
+            hsv[..., 0] = (hsv[..., 0] + (hue - 0.5) * 36.0) % 180  # OpenCV's uint8 hue wraps at 180
+        x = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+class EvalTransform:
+    """Deterministic: the image scaled to height H (aspect kept), the label returned at full resolution.
+
+    Evaluation scores the logits upsampled to the label's size, as the Cityscapes benchmark does; `size=None`
+    keeps the image as it is (the dataset default, and what INT8 calibration uses on pre-sized frames).
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, rgb: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_pair(rgb, label)
+        if self.size is not None:
+            rgb = resize_to_height(rgb, self.size[0])
+        return normalize(rgb, self.mean, self.std), label_tensor(label)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size})"

@@ -1,0 +1,372 @@
+"""One Trainer for the teacher, the student alone and distillation: AMP, torchrun DDP, atomic checkpoints and
+exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, Subset
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.distill.methods import DistillMethod
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.io import load_state, progress_interval, save_state, write_json
+from pipeline.models import save_model
+from pipeline.models.segformer import SegFormer
+
+log = logging.getLogger("pipeline")
+# keys that may change between a run and its resumption: they do not change what is computed
+RESUMABLE_KEYS = ("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
+                  "train.resume", "data.workers", "data.root")
+
+
+class TrainingError(PipelineError):
+    """Training cannot go on (a non-finite loss, a run directory that belongs to another config)."""
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, a plain run is rank 0 of 1."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda: no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return DistEnv(rank, world, torch.device("cuda", local))
+    return DistEnv(rank, world, torch.device("cpu"))
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any parts: the same (seed, role, step, shard) gives the same randomness in any process."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class StepSampler(Sampler):
+    """Micro-batches of (index, augmentation seed) for one process, from step `start` on, as a pure function of
+    (seed, step): the data position is the step, so a resumed run reads exactly what the killed one would have.
+
+    Each optimizer step draws a global batch of batch * accumulate * world samples from a per-epoch
+    permutation; shard r * accumulate + m of it is micro-batch m of rank r. One process with accumulate=k and
+    k processes with accumulate=1 therefore see the same samples in the same groups.
+    """
+
+    def __init__(self, n: int, batch: int, accumulate: int, env: DistEnv, seed: int, start: int, steps: int):
+        self.n, self.batch, self.acc, self.env, self.seed = n, batch, accumulate, env, seed
+        self.start, self.steps = start, steps
+        self.global_batch = batch * accumulate * env.world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                derived_seed(self.seed, "epoch", epoch)))}
+        return self._perms[epoch]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.acc
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            for m in range(self.acc):
+                shard = self.env.rank * self.acc + m
+                first = step * self.global_batch + shard * self.batch
+                items = []
+                for p in range(first, first + self.batch):
+                    epoch, offset = divmod(p, self.n)
+                    items.append((int(self._perm(epoch)[offset]), derived_seed(self.seed, "aug", p)))
+                yield items
+
+
+class _Objective(nn.Module):
+    """Student + train-only modules as one module, so DDP sees every trainable parameter in one forward."""
+
+    def __init__(self, student: SegFormer, method: DistillMethod) -> None:
+        super().__init__()
+        self.student = student
+        self.modules_ = method.modules
+        self.method = method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_taps) -> dict[str, torch.Tensor]:
+        return self.method.loss(self.student.features(x), teacher_taps, y)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "off" or device.type != "cuda":
+        if setting in ("bf16", "fp16") and device.type != "cuda":
+            log.info("train.amp=%s applies on CUDA only; training in float32 on %s", setting, device)
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+class Trainer:
+    """Trains `student` (the model being trained in this stage: a teacher, or a student) with `method`."""
+
+    def __init__(self, role: str, cfg: Config, run_dir: Path, student: SegFormer, method: DistillMethod,
+                 train_set, val_set, env: DistEnv) -> None:
+        self.role, self.cfg, self.run_dir, self.env = role, cfg, run_dir, env
+        self.t = cfg.train
+        self.steps = getattr(cfg, role).steps or self.t.steps
+        self.student, self.method = student.to(env.device), method
+        method.modules.to(env.device)
+        if method.teacher is not None:
+            method.teacher.to(env.device)
+        if env.device.type == "cuda" and self.t.channels_last:
+            for m in (student, method.modules, method.teacher):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        self.amp = amp_dtype(self.t.amp, env.device)
+        self.objective: nn.Module = _Objective(student, method)
+        if env.world > 1:
+            # CSF keeps two squeeze convs and uses one per batch size; zero-weight terms leave modules idle
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=len(method.modules) > 0)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=self.t.lr, betas=self.t.betas, weight_decay=self.t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp == torch.float16)
+        self.train_set, self.val_set = train_set, val_set
+        self.ckpt_dir = run_dir / "checkpoints" / role
+        self.start, self.best = 0, -1.0
+        self.last_ckpt: Path | None = None
+        self.writer = None
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then poly decay from lr to lr * final_lr_ratio over the remaining steps."""
+        t = self.t
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(self.steps - t.warmup_steps, 1)
+        progress = min((step - t.warmup_steps) / span, 1.0)
+        return t.final_lr_ratio + (1 - t.final_lr_ratio) * (1 - progress) ** t.power
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def _config_view(self) -> dict:
+        from pipeline.config import keys
+
+        view = {k: v for k, v in keys(self.cfg).items() if k.split(".")[0] in ("data", "train", "distill", "seed",
+                                                                               self.role)}
+        return json.loads(json.dumps({k: v for k, v in view.items() if k not in RESUMABLE_KEYS}, default=list))
+
+    def save_checkpoint(self, step: int) -> None:
+        if not self.env.main:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        np_state = np.random.get_state()
+        state = {
+            "step": step, "best_miou": self.best,
+            "model": self.student.state_dict(), "modules": self.method.modules.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": [np_state[1].tolist(), *np_state[2:]],
+                    "python": random.getstate(),
+                    **({"cuda": torch.cuda.get_rng_state()} if self.env.device.type == "cuda" else {})},
+            "data": {"position": step * self.t.batch_size * self.t.accumulate * self.env.world,
+                     "samples": len(self.train_set)},
+            "config": self._config_view(),
+        }
+        stem = self.ckpt_dir / f"step-{step:07d}"
+        save_state(stem, state)
+        write_json(self.ckpt_dir / "last.json", {"checkpoint": stem.name, "step": step})
+        self.last_ckpt = stem
+        kept = sorted(self.ckpt_dir.glob("step-*.json"))[: -self.t.keep_checkpoints]
+        for old in kept:
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+
+    def try_resume(self) -> None:
+        pointer = self.ckpt_dir / "last.json"
+        if self.t.resume == "never" or not pointer.is_file():
+            return
+        stem = self.ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+        try:
+            state = load_state(stem)
+        except (OSError, ValueError, KeyError) as e:
+            raise TrainingError(f"{stem}.safetensors: cannot resume from it ({e})") from None
+        diff = sorted(k for k in set(state["config"]) | set(self._config_view())
+                      if state["config"].get(k) != self._config_view().get(k))
+        if diff:
+            raise TrainingError(
+                f"{self.run_dir}: holds a {self.role} run with another config ({', '.join(diff)} differ); "
+                "use another --run-dir, or train.resume=never to start over"
+            )
+        self.student.load_state_dict(state["model"])
+        self.method.modules.load_state_dict(state["modules"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        random.setstate(rng["python"])
+        if "cuda" in rng and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.start, self.best, self.last_ckpt = state["step"], state["best_miou"], stem
+        log.info("%s: resumed from %s (step %d of %d)", self.role, stem, self.start, self.steps)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def _loader(self) -> DataLoader:
+        sampler = StepSampler(len(self.train_set), self.t.batch_size, self.t.accumulate, self.env,
+                              self.cfg.seed, self.start, self.steps)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.workers,
+                          pin_memory=self.env.device.type == "cuda")
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp)
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                kept = f"{self.last_ckpt}.safetensors" if self.last_ckpt else "none (no checkpoint written yet)"
+                raise TrainingError(
+                    f"{self.role} step {step + 1}: loss term {name!r} is {value.item()}; stopped. "
+                    f"Last good checkpoint: {kept}"
+                )
+
+    def validate(self, step: int) -> float:
+        shard = Subset(self.val_set, range(self.env.rank, len(self.val_set), self.env.world))
+        loader = DataLoader(shard, batch_size=1, num_workers=self.cfg.data.workers)
+        result = evaluate(self.student, loader, device=self.env.device, num_classes=self.student.config.num_classes,
+                          classes=self.student.meta.classes, amp_dtype=self.amp, progress=False)
+        if self.env.main:
+            log.info("%s step %d: val mIoU %.2f %%, pixel accuracy %.2f %%", self.role, step, 100 * result.miou,
+                     100 * result.pixel_acc)
+            if self.writer:
+                self.writer.add_scalar("val/miou", result.miou, step)
+            if result.miou > self.best:
+                self.best = result.miou
+                self._save_model(self.run_dir / f"{self.role}.safetensors", step, result.miou)
+        return result.miou
+
+    def _save_model(self, path: Path, step: int, miou: float | None) -> None:
+        extra = {"step": step, "val_miou": miou, "dataset": self.cfg.data.dataset, "method": self.method.name}
+        save_model(self.student, path, source=f"{self.role} training, {self.method.name}, step {step}",
+                   extra=extra)
+
+    def fit(self) -> dict:
+        """Train to `steps`, resuming first when allowed; returns the run summary."""
+        self.try_resume()
+        env, t = self.env, self.t
+        if env.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / self.role))
+        self.student.train()
+        self.method.modules.train()
+        acc = t.accumulate
+        global_batch = t.batch_size * acc * env.world
+        bar = tqdm(total=self.steps, initial=self.start, desc=self.role, disable=not env.main,
+                   dynamic_ncols=True, mininterval=progress_interval())
+        batches = iter(self._loader())
+        seen, t0, terms = 0, time.perf_counter(), {}
+        try:
+            for step in range(self.start, self.steps):
+                self.opt.zero_grad(set_to_none=True)
+                terms: dict[str, float] = {}
+                for m in range(acc):
+                    batch = next(batches)
+                    x = batch["image"].to(env.device, non_blocking=True)
+                    y = batch["label"].to(env.device, non_blocking=True)
+                    if env.device.type == "cuda" and t.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    # dropout and drop-path masks follow the data shard, not the process: resumable and DDP-invariant
+                    torch.manual_seed(derived_seed(self.cfg.seed, self.role, step, env.rank * acc + m))
+                    sync = m == acc - 1 or env.world == 1
+                    no_sync = contextlib.nullcontext() if sync else self.objective.no_sync()
+                    with no_sync, self._autocast():
+                        teacher = self.method.teacher_features(x)
+                        losses = self.objective(x, y, teacher)
+                    self._check_finite(losses, step)
+                    self.scaler.scale(losses["total"] / acc).backward()
+                    for k, v in losses.items():
+                        terms[k] = terms.get(k, 0.0) + v.item() / acc
+                if t.grad_clip > 0:
+                    self.scaler.unscale_(self.opt)
+                    nn.utils.clip_grad_norm_(self.objective.parameters(), t.grad_clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                seen += global_batch
+                done = step + 1
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                if env.main:
+                    bar.update(1)
+                    lr = self.sched.get_last_lr()[0]
+                    bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.2e}",
+                                     "img/s": f"{rate:.1f}"}, refresh=False)
+                    if done % t.log_every == 0 or done == self.steps:
+                        for k, v in terms.items():
+                            self.writer.add_scalar(f"loss/{k}", v, done)
+                        self.writer.add_scalar("lr", lr, done)
+                        self.writer.add_scalar("images_per_s", rate, done)
+                        log.debug("%s step %d: %s", self.role, done,
+                                  json.dumps({k: round(v, 5) for k, v in terms.items()}))
+                if done % t.eval_every == 0 or done == self.steps:
+                    self.validate(done)
+                    self.student.train()
+                if done % t.ckpt_every == 0 or done == self.steps:
+                    self.save_checkpoint(done)
+                env.barrier()
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts on its own
+        if self.start >= self.steps:
+            log.info("%s: already trained to step %d in %s", self.role, self.steps, self.ckpt_dir)
+        summary = {"role": self.role, "method": self.method.name, "steps": self.steps, "resumed_from": self.start,
+                   "global_batch": global_batch, "best_val_miou": self.best,
+                   "images_per_s": seen / max(time.perf_counter() - t0, 1e-9) if seen else None,
+                   "final_losses": terms if self.start < self.steps else None}
+        if env.main:
+            self._save_model(self.run_dir / f"{self.role}.last.safetensors", self.steps, None)
+            if not (self.run_dir / f"{self.role}.safetensors").is_file():
+                self._save_model(self.run_dir / f"{self.role}.safetensors", self.steps, None)
+            self.writer.close()
+        return summary
+
