@@ -130,16 +130,18 @@ def _skipped(run_dir: Path) -> int:
 
 def print_outputs(run_dir: Path, results: dict) -> None:
     """Tell the user where everything went."""
-    lines = [f"run directory: {run_dir}", "  config.yaml     resolved config of this run",
-             "  run.log         log; tensorboard/ has the loss, lr and mIoU curves"]
+    rows = [("config.yaml", "resolved config of this run"),
+            ("run.log", "log; tensorboard/ has the loss, lr and mIoU curves")]
     for role in ("teacher", "student"):
-        best = run_dir / f"{role}.safetensors"
-        if best.is_file():
-            lines.append(f"  {best.name:<20} best-on-val {role} (+ .json sidecar); {role}.last.safetensors: final step")
+        if (run_dir / f"{role}.safetensors").is_file():
+            rows.append((f"{role}.safetensors", f"best-on-val {role} (+ .json sidecar); {role}.last.safetensors: "
+                                                 "final step"))
     for name, res in results.items():
         for part in ([res.get("teacher")] if isinstance(res.get("teacher"), dict) else []) + [res]:
             if part and part.get("best_val_miou") is not None and part.get("role"):
-                lines.append(f"  {part['role']} ({part['method']}): best val mIoU {100 * part['best_val_miou']:.2f} %")
+                rows.append((f"{part['role']} ({part['method']})",
+                             f"best val mIoU {100 * part['best_val_miou']:.2f} %"))
         if name == "eval":
-            lines.append(f"  eval.json       mIoU {100 * res['miou']:.2f} % of {res['checkpoint']}")
-    print("\n".join(lines))
+            rows.append(("eval.json", f"mIoU {100 * res['miou']:.2f} % of {res['checkpoint']}"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join([f"run directory: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]))
