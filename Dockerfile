@@ -6,7 +6,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/transkd-deploy
 
 # torch==2.13.0 from the default index is the CUDA build; the CPU wheel index keeps the image small
-COPY requirements.txt .
+COPY requirements.txt requirements-quant.txt ./
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
 
 COPY pipeline/ pipeline/
@@ -14,4 +14,4 @@ COPY benchmarks/ benchmarks/
 COPY trt/ trt/
 
 # the main job on the built-in synthetic data; mount a volume on /opt/transkd-deploy/runs to keep the results
-CMD ["python", "-m", "pipeline.run", "distill"]
+CMD ["python", "-m", "pipeline.run", "distill", "export"]

@@ -69,12 +69,33 @@ class DistillConfig:
 
 
 @dataclass
+class ExportConfig:
+    input: str = "float"  # float: NCHW RGB float32, normalised outside | uint8: NHWC BGR uint8, normalised inside
+    output: str = "logits"  # logits (1/4 resolution) | labels (upsample + argmax inside, int32)
+    size: tuple[int, int] = (0, 0)  # HxW of the graph; 0x0: data.size
+    batch: int = 1
+    dynamic: bool = False  # dynamic batch, height and width
+    opset: int = 17
+    simplify: bool = True  # onnxslim
+    fp16: bool = True  # student.fp16.onnx
+    int8: bool = True  # student.int8.onnx (Q/DQ, calibrated on training frames)
+    calibration_frames: int = 32
+    calibration_method: str = "entropy"  # entropy | max
+    parity_frames: int = 8  # validation frames the ONNX must match PyTorch on
+    eval_frames: int = 0  # validation frames each artifact is scored on; 0: all
+    engines: str = "auto"  # TensorRT plans: auto (when TensorRT and a GPU exist) | off
+    workspace_gib: float = 4.0
+    opt_level: int = 3  # TensorRT builder optimization level 0..5
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(variant="mit_b2"))
     student: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -94,6 +115,10 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.resume": ("auto", "never"),
+    "export.input": ("float", "uint8"),
+    "export.output": ("logits", "labels"),
+    "export.calibration_method": ("entropy", "max"),
+    "export.engines": ("auto", "off"),
 }
 
 
@@ -150,7 +175,7 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
     """Set dotted keys on `cfg` (values already parsed from YAML or the command line)."""
     known = keys(cfg)
     hints = {t.__name__: typing.get_type_hints(t) for t in (DataConfig, ModelConfig, TrainConfig, DistillConfig,
-                                                              Config)}
+                                                              ExportConfig, Config)}
     where = f" (in {source})" if source else ""
     for key, value in overrides.items():
         if key.startswith("distill.weights.") and key.count(".") == 2:
@@ -188,6 +213,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.size={cfg.data.size}: height and width must be >= 32")
     if not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
         raise ConfigError(f"data.scale={cfg.data.scale}: expected 0 < low <= high")
+    e = cfg.export
+    if e.size != (0, 0) and min(e.size) < 32:
+        raise ConfigError(f"export.size={e.size}: height and width must be >= 32 (or 0x0 for data.size)")
+    if e.batch < 1 or e.opset < 17 or not 0 <= e.opt_level <= 5 or e.calibration_frames < 1:
+        raise ConfigError("export.batch and export.calibration_frames must be >= 1, export.opset >= 17, "
+                          "export.opt_level within 0..5")
     for key in ("teacher.steps", "student.steps"):
         if keys(cfg)[key] < 0:
             raise ConfigError(f"{key}: expected an integer >= 0")
@@ -241,5 +272,5 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["Config", "DataConfig", "DistillConfig", "ModelConfig", "TrainConfig", "apply", "dump", "keys", "load",
-           "parse_overrides"]
+__all__ = ["Config", "DataConfig", "DistillConfig", "ExportConfig", "ModelConfig", "TrainConfig", "apply", "dump",
+           "keys", "load", "parse_overrides"]

@@ -23,3 +23,7 @@ class CheckpointError(PipelineError):
 
 class CheckpointWarning(UserWarning):
     """A non-strict checkpoint load skipped or left some tensors uninitialised."""
+
+
+class ExportError(PipelineError):
+    """An artifact could not be produced or failed its check (parity, accuracy); nothing was left behind."""

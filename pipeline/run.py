@@ -21,6 +21,9 @@ STAGES = {
     "teacher": "train the teacher on the dataset (from scratch, teacher.pretrained or teacher.checkpoint)",
     "distill": "distil the student from the teacher (trains the teacher first when there is none)",
     "eval": "mIoU of a checkpoint (--checkpoint, default the run's student) on the validation split",
+    "export": "student.onnx (parity-checked), student.fp16.onnx, student.int8.onnx + sidecars and export.md; "
+              "TensorRT plans where TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)",
+    "trt-build": "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is missing)",
 }
 TRAINING_STAGES = ("teacher", "distill")
 log = logging.getLogger("pipeline")
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("items", nargs="*", metavar="STAGE|key=value", help="stages to run, left to right, and overrides")
     ap.add_argument("--config", help="YAML file with sections data, teacher, student, train, distill")
     ap.add_argument("--run-dir", help="run directory (default: runs/<date>-<time>); an existing one is resumed")
-    ap.add_argument("--checkpoint", help="eval: the checkpoint to evaluate (anything load_model loads)")
+    ap.add_argument("--checkpoint", help="eval, export: the checkpoint to use (anything load_model loads; default "
+                    "the run's student.safetensors)")
     ap.add_argument("--write-cityscapes", metavar="DIR", help="eval: also write Cityscapes-format predictions")
     ap.add_argument("--quarter-res", action="store_true",
                     help="eval: score at 1/4 resolution like the TransKD reference (comparison only)")
@@ -89,7 +93,8 @@ def _write_config(run_dir: Path, cfg: Config, training: bool) -> None:
         except yaml.YAMLError:
             old = {}
         new = config_mod.flatten(yaml.safe_load(text))
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+        differ = sorted(k for k in set(old) | set(new)
+                        if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS and not k.startswith("export."))
         if training and cfg.train.resume == "auto" and differ:
             shown = ", ".join(differ[:6]) + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
             raise ConfigError(f"{path}: this run directory was made with other values of {shown}; use another "
@@ -142,7 +147,7 @@ def _run(args) -> int:
 
     results = {}
     for s in stages:
-        results[s] = getattr(stage_impl, f"run_{s}")(cfg, run_dir, env, args)
+        results[s] = getattr(stage_impl, f"run_{s.replace('-', '_')}")(cfg, run_dir, env, args)
     if env.main:
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader, Subset
 from pipeline.config import Config, ModelConfig
 from pipeline.data import EvalTransform, TrainTransform, build_dataset, ensure_synthetic
 from pipeline.distill import build_method
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.evaluate import evaluate, write_cityscapes
-from pipeline.io import write_json
+from pipeline.export import ExportPlan, ExportSpec, export_student, report_table
+from pipeline.io import atomic_path, write_json
 from pipeline.models import build_model, load_model
 from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegFormer
 from pipeline.train import DistEnv, Trainer, derived_seed, seed_everything
@@ -123,6 +124,82 @@ def run_eval(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {"checkpoint": str(path), "miou": result.miou}
 
 
+def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """ONNX artifacts of the student (or of --checkpoint), checked and scored; engines where TensorRT runs."""
+    if not env.main:
+        return {}  # one process exports; the others (under torchrun) have nothing to do
+    path = Path(getattr(args, "checkpoint", None) or run_dir / "student.safetensors")
+    if not path.exists():
+        raise InputError(f"{path}: no student to export; run the distill stage first or pass --checkpoint")
+    model = load_model(path)
+    train, val = datasets(cfg, run_dir, env)
+    if model.config.num_classes != val.num_classes:
+        raise ConfigError(f"{path}: predicts {model.config.num_classes} classes, {val.name} has {val.num_classes}; "
+                          "export checks and calibrates on the run's dataset (data.dataset, data.root)")
+    e = cfg.export
+    size = tuple(e.size) if tuple(e.size) != (0, 0) else tuple(cfg.data.size)
+    spec = ExportSpec(e.input, e.output, size, e.batch, e.dynamic, e.opset)
+    plan = ExportPlan(spec, e.fp16, e.int8, e.parity_frames, e.calibration_frames, e.calibration_method,
+                      e.eval_frames, e.simplify)
+    report = export_student(model, run_dir, plan, val, train, source=path)
+    if e.engines == "auto":
+        from trt.build import tensorrt_unavailable
+
+        reason = tensorrt_unavailable()
+        if reason:
+            log.info("export: no TensorRT engines (%s); every ONNX artifact is written", reason)
+            report["engines"] = {"skipped": reason}
+        else:
+            report["engines"] = _build_engines(cfg, run_dir)
+    write_json(run_dir / "export.json", report)
+    table = report_table(report)
+    with atomic_path(run_dir / "export.md") as tmp:
+        tmp.write_text(f"# Export of {path}\n\n{spec.input} input, {spec.output} output, {size[0]}x{size[1]}, "
+                       f"batch {spec.batch}{', dynamic' if spec.dynamic else ''}; mIoU on "
+                       f"{report['eval']['frames']} {val.name} {val.split} frames at full label resolution\n\n"
+                       f"{table}\n")
+    print(table)
+    return {"artifacts": {k: v["file"] for k, v in report["artifacts"].items()},
+            "miou": {"pytorch": report["pytorch"]["miou"], **{k: v["miou"] for k, v in report["artifacts"].items()}},
+            "engines": report.get("engines")}
+
+
+def _build_engines(cfg: Config, run_dir: Path) -> dict:
+    from trt.build import build_engine
+
+    e = cfg.export
+    shapes = {}
+    if e.dynamic:  # one profile: batch 1 at half size up to 2x the batch at twice the size, tuned at the export's
+        h, w = tuple(e.size) if tuple(e.size) != (0, 0) else tuple(cfg.data.size)
+        dims = (lambda n, hh, ww: (n, hh, ww, 3)) if e.input == "uint8" else (lambda n, hh, ww: (n, 3, hh, ww))
+        shapes = {"min_shapes": {"image": dims(1, h // 2, w // 2)}, "opt_shapes": {"image": dims(e.batch, h, w)},
+                  "max_shapes": {"image": dims(2 * e.batch, 2 * h, 2 * w)}}
+    built = {}
+    for precision in ("fp16", "int8"):
+        onnx_path = run_dir / f"student.{precision}.onnx"
+        if onnx_path.is_file():
+            plan = run_dir / f"student.{precision}.plan"
+            log.info("export: building %s from %s", plan.name, onnx_path.name)
+            build_engine(onnx_path, plan, workspace_gib=e.workspace_gib, opt_level=e.opt_level,
+                         timing_cache_dir=run_dir / "timing-cache", **shapes)
+            built[precision] = plan.name
+    return built
+
+
+def run_trt_build(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """Engines from the run's FP16 and INT8 ONNX files; TensorRT and a GPU are required here."""
+    if not env.main:
+        return {}
+    from trt.build import tensorrt_unavailable
+
+    reason = tensorrt_unavailable()
+    if reason:
+        raise ExportError(f"trt-build: {reason}")
+    if not any((run_dir / f"student.{p}.onnx").is_file() for p in ("fp16", "int8")):
+        raise InputError(f"{run_dir}: no student.fp16.onnx or student.int8.onnx; run the export stage first")
+    return {"engines": _build_engines(cfg, run_dir)}
+
+
 def _skipped(run_dir: Path) -> int:
     f = run_dir / "skipped_samples.txt"
     return len(set(f.read_text().splitlines())) if f.is_file() else 0
@@ -143,5 +220,12 @@ def print_outputs(run_dir: Path, results: dict) -> None:
                              f"best val mIoU {100 * part['best_val_miou']:.2f} %"))
         if name == "eval":
             rows.append(("eval.json", f"mIoU {100 * res['miou']:.2f} % of {res['checkpoint']}"))
+        if name == "export" and res:
+            for kind, file in res["artifacts"].items():
+                rows.append((file, f"{kind} ONNX (+ {file}.json), mIoU {100 * res['miou'][kind]:.2f} %"))
+            for file in (res.get("engines") or {}).values():
+                if isinstance(file, str) and file.endswith(".plan"):
+                    rows.append((file, "TensorRT engine (+ .json sidecar)"))
+            rows.append(("export.md", "parity and mIoU of every artifact (export.json: all details)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join([f"run directory: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]))

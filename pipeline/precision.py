@@ -1,0 +1,349 @@
+"""FP16 (Model Optimizer AutoCast) and INT8 Q/DQ (Model Optimizer PTQ) variants of an exported FP32 ONNX graph."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ExportError
+from pipeline.io import atomic_path
+
+log = logging.getLogger("pipeline")
+
+# Kept in FP32 in both variants: LayerNorm's variance and Softmax's exp overflow or lose too much in FP16, and the
+# final upsample + argmax decide the labels (a near-tie flipped by FP16 rounding is a wrong pixel).
+FP32_OPS = ("LayerNormalization", "Softmax", "Resize", "ArgMax")
+INSTALL_HINT = "pip install -r requirements-quant.txt"
+# Ops that pass the classifier's logits on to the output unchanged in meaning (labels graph: Resize -> ArgMax -> Cast).
+_TAIL_OPS = {"Resize", "ArgMax", "Cast", "Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze"}
+
+# Run in a child interpreter: modelopt patches ONNX Runtime's quantization registries and the logging setup of the
+# whole process, and a native crash during calibration must surface as an ExportError, not end the pipeline.
+_MODELOPT_CHILD = """
+import json, sys
+import numpy as np
+from modelopt.onnx.quantization import quantize
+job = json.loads(sys.argv[1])
+quantize(job.pop("onnx_path"), calibration_data=np.load(job.pop("calibration")), **job)
+"""
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _require_modelopt(what: str) -> str:
+    if importlib.util.find_spec("modelopt") is None or importlib.util.find_spec("modelopt.onnx") is None:
+        raise ExportError(f"{what} needs NVIDIA Model Optimizer (nvidia-modelopt), which is not installed: "
+                          f"{INSTALL_HINT}")
+    return _version("nvidia-modelopt")
+
+
+def _check_dst(dst: Path) -> None:
+    if not dst.parent.is_dir():
+        raise ExportError(f"{dst.parent}: output directory not found")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _load(src: Path):
+    """The source graph with every node named (exclusions and reports address nodes by name)."""
+    import onnx
+
+    src = Path(src)
+    if not src.is_file():
+        raise ExportError(f"{src}: source ONNX model not found")
+    try:
+        model = onnx.load(str(src))
+    except Exception as e:
+        raise ExportError(f"{src}: not a readable ONNX model ({_first_line(e)})") from None
+    names = {n.name for n in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+            while node.name in names:
+                node.name += "_"
+            names.add(node.name)
+    return model
+
+
+def _graph_input(model, src: Path) -> tuple[str, np.dtype, tuple[int | None, ...]]:
+    """(name, dtype, dims with None for symbolic) of the graph's single input."""
+    import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ExportError(f"{src}: expected one graph input, found {len(inputs)}")
+    t = inputs[0].type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+    return inputs[0].name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims
+
+
+def output_tail(model) -> list[str]:
+    """The last classifier: for each graph output, the last Conv before it plus the data-path nodes between them
+    (upsample, argmax, cast). Empty when an output is not reached from a Conv through such nodes."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    tail: list[str] = []
+    for out in model.graph.output:
+        path, node = [], producer.get(out.name)
+        while node is not None and node.op_type in _TAIL_OPS and len(path) < 8:
+            path.append(node.name)
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Conv":
+            tail += [n for n in [*path, node.name] if n not in tail]
+    return tail
+
+
+def _calibration_frames(calibration, name: str, dtype: np.dtype, dims: tuple) -> np.ndarray:
+    """N x frame in the graph's dtype; `frame` is the input shape without batch (N x 1 x frame is accepted too)."""
+    frame = dims[1:]
+    want = "N x " + " x ".join("?" if d is None else str(d) for d in frame) + f" {dtype}"
+    try:
+        x = np.asarray(calibration)
+    except ValueError:
+        raise ExportError(f"calibration data for input {name!r}: frames of different shapes; expected {want}") from None
+    if x.ndim == len(dims) + 1 and x.shape[1] == 1:
+        x = x[:, 0]
+    found = " x ".join(map(str, x.shape)) + f" {x.dtype}"
+    if (x.ndim != len(dims) or x.shape[0] == 0 or x.dtype != dtype
+            or any(d is not None and d != s for d, s in zip(frame, x.shape[1:]))):
+        raise ExportError(f"calibration data for input {name!r}: expected {want}, found {found}")
+    return np.ascontiguousarray(x)
+
+
+def _bypass_qdq(model, nodes: Sequence[str]) -> int:
+    """Feed `nodes` the un-quantized tensor wherever they read a DequantizeLinear output (directly or through
+    Casts): a Q/DQ pair placed for another consumer, or left over by modelopt's residual-input clean-up, must not
+    round the input of a node kept out of INT8. Returns the number of inputs rewired; orphaned Q/DQ are removed."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rewired, targets = 0, set(nodes)
+    for node in model.graph.node:
+        if node.name not in targets:
+            continue
+        for consumer, index in _dq_reads(node, producer):
+            dq = producer[consumer.input[index]]
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue  # a weight DQ (constant INT8 initializer) has no float tensor to fall back on
+            consumer.input[index] = q.input[0]
+            rewired += 1
+    _prune(model)
+    return rewired
+
+
+def _dq_reads(node, producer):
+    """(consumer, input index) pairs where a DequantizeLinear output enters `node`, looking up through Casts."""
+    for index, name in enumerate(node.input):
+        consumer, src, at = node, producer.get(name), index
+        while src is not None and src.op_type == "Cast":
+            consumer, src, at = src, producer.get(src.input[0]), 0
+        if src is not None and src.op_type == "DequantizeLinear":
+            yield consumer, at
+
+
+def _prune(model) -> None:
+    """Drop the Q/DQ nodes nothing reads any more, and their scale / zero-point initializers."""
+    graph = model.graph
+    freed: set[str] = set()
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input)
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[str, str]) -> None:
+    """Stamp the source's metadata, check the graph, run it once in ONNX Runtime CPU and move it onto `dst`."""
+    import onnx
+    import onnxruntime as ort
+
+    meta = {p.key: p.value for p in source.metadata_props} | extra_meta
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3  # constant-folding notes about FP16 kernels CPU lacks are not failures
+            sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+            inp = sess.get_inputs()[0]
+            if feed is None:
+                _, dtype, dims = _graph_input(model, dst)
+                shape = [(1 if i == 0 else 64) if d is None else d for i, d in enumerate(dims)]
+                feed = np.zeros(shape, dtype)
+            sess.run(None, {inp.name: feed})
+        except Exception as e:
+            raise ExportError(f"{dst}: the converted model does not run in ONNX Runtime CPU "
+                              f"({_first_line(e)})") from None
+
+
+def _summary(model) -> dict:
+    ops = Counter(n.op_type for n in model.graph.node)
+    return {"nodes": len(model.graph.node), "op_counts": dict(sorted(ops.items())),
+            "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
+
+
+def to_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP32_OPS) -> dict:
+    """FP16 weights and activations except `keep_fp32_ops` (Cast nodes at their borders); graph inputs and
+    outputs keep their types. Uses Model Optimizer AutoCast with an op block list (no calibration, deterministic).
+    Writes `dst` atomically and returns what was done."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    source = _load(src)
+    _check_dst(dst)
+    tool_version = _require_modelopt("FP16 conversion")
+    from modelopt.onnx.autocast import convert_to_f16
+    from modelopt.onnx.logging_config import configure_logging
+
+    configure_logging(logging.WARNING)  # importing modelopt.onnx sets its loggers to INFO on stdout
+
+    model = onnx.ModelProto()
+    model.CopyFrom(source)  # the converter edits its argument; `source` keeps the FP32 metadata to copy back
+    try:
+        model = convert_to_f16(model, low_precision_type="fp16", keep_io_types=True,
+                               op_block_list=list(keep_fp32_ops))
+    except Exception as e:
+        raise ExportError(f"{src}: FP16 conversion with nvidia-modelopt {tool_version} failed "
+                          f"({_first_line(e)})") from None
+    kept = sum(n.op_type in keep_fp32_ops for n in model.graph.node)
+    _finish(model, source, dst, None, {"precision": "fp16"})
+    return {"precision": "fp16", "tool": "nvidia-modelopt autocast (convert_to_f16)", "version": tool_version,
+            "fp32_op_types": list(keep_fp32_ops), "fp32_nodes": kept, "io_types_kept": True,
+            "fp16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer),
+            **_summary(model)}
+
+
+def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "entropy", backend: str = "modelopt",
+            exclude_op_types: Sequence[str] = ("Softmax", "LayerNormalization"), exclude_last_classifier: bool = True,
+            high_precision: str = "fp16", keep_fp32_ops: Sequence[str] = FP32_OPS) -> dict:
+    """INT8 Q/DQ graph calibrated on `calibration` (N real frames in the graph's input dtype and layout, N x frame
+    or N x 1 x frame). Nodes of `exclude_op_types` and, with `exclude_last_classifier`, the last Conv before each
+    output (with the upsample/argmax behind it) stay un-quantized and are not fed by Q/DQ.
+
+    backend="modelopt": NVIDIA Model Optimizer ONNX PTQ calibrated with ONNX Runtime's CPU provider; everything
+    not quantized runs in `high_precision` ("fp16" or "fp32"), `keep_fp32_ops` staying FP32 as in `to_fp16`.
+    backend="ort": ONNX Runtime's own QDQ static quantizer (symmetric, per-channel weights), the fallback for
+    machines without modelopt; the non-quantized part stays FP32. Writes `dst` atomically."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    if method not in ("entropy", "max"):
+        raise ExportError(f"calibration method {method!r}: expected 'entropy' or 'max'")
+    if backend not in ("modelopt", "ort"):
+        raise ExportError(f"quantization backend {backend!r}: expected 'modelopt' or 'ort'")
+    if high_precision not in ("fp16", "fp32"):
+        raise ExportError(f"high_precision {high_precision!r}: expected 'fp16' or 'fp32'")
+    source = _load(src)
+    name, dtype, dims = _graph_input(source, src)
+    frames = _calibration_frames(calibration, name, dtype, dims)
+    # A static batch B takes the frames B at a time; a dynamic one, one at a time.
+    step = dims[0] or 1
+    usable = len(frames) - len(frames) % step
+    if usable == 0:
+        raise ExportError(f"calibration data: {len(frames)} frame(s) for a graph with static batch {step}; "
+                          f"expected at least {step}")
+    frames = frames[:usable]
+    excluded = output_tail(source) if exclude_last_classifier else []
+    if exclude_last_classifier and not excluded:
+        log.warning("%s: no Conv classifier found before the output; nothing excluded for it", src)
+    op_excluded = [n.name for n in source.graph.node if n.op_type in exclude_op_types]
+    if backend == "modelopt":
+        tool, tool_version = "nvidia-modelopt onnx PTQ", _require_modelopt("INT8 quantization")
+    else:
+        tool, tool_version, high_precision = "onnxruntime quantize_static (QDQ)", _version("onnxruntime"), "fp32"
+    _check_dst(dst)
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        work, out = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        onnx.save(source, str(work))  # named nodes, external data inlined; the tools write beside it
+        if backend == "modelopt":
+            np.save(Path(tmp) / "calibration.npy", frames)
+            job = {"onnx_path": str(work), "calibration": str(Path(tmp) / "calibration.npy"), "quantize_mode": "int8",
+                   "calibration_method": method, "calibration_eps": ["cpu"],
+                   "calibration_shapes": f"{name}:" + "x".join(map(str, (step, *frames.shape[1:]))),
+                   "op_types_to_exclude": list(exclude_op_types),
+                   "nodes_to_exclude": [re.escape(n) + "$" for n in excluded],  # modelopt matches regexes
+                   "op_types_to_exclude_fp16": list(keep_fp32_ops), "high_precision_dtype": high_precision,
+                   "output_path": str(out), "log_level": "WARNING"}
+            _run_child(_MODELOPT_CHILD, json.dumps(job), src, f"nvidia-modelopt {tool_version}")
+        else:
+            _ort_quantize(work, out, name, frames, step, method, op_excluded + excluded, src)
+        try:
+            model = onnx.load(str(out))
+        except Exception as e:
+            raise ExportError(f"{src}: {tool} wrote no readable model ({_first_line(e)})") from None
+        bypassed = _bypass_qdq(model, op_excluded + excluded)
+        _finish(model, source, dst, frames[:step], {"precision": "int8", "int8_calibration": method})
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantized = sorted({n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear",
+                                                                               "Shape", "Cast")
+                        and any(getattr(producer.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)})
+    return {"precision": "int8", "backend": backend, "tool": tool, "version": tool_version, "method": method,
+            "frames": int(usable), "calibration_batch": step, "high_precision": high_precision,
+            "excluded_op_types": list(exclude_op_types), "excluded_nodes": excluded,
+            "quantized_nodes": len(quantized), "qdq_bypassed": bypassed,
+            "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node), **_summary(model)}
+
+
+def _run_child(code: str, arg: str, src: Path, tool: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in (proc.stdout + proc.stderr).splitlines():
+        log.debug("quantize: %s", line)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        raise ExportError(f"{src}: INT8 quantization with {tool} failed "
+                          f"({lines[-1] if lines else f'exit status {proc.returncode}'})")
+
+
+def _ort_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: int, method: str,
+                  exclude: list[str], src: Path) -> None:
+    from onnxruntime import quantization as oq
+
+    class Reader(oq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(frames[i:i + step] for i in range(0, len(frames), step))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch}
+
+    try:
+        # Symmetric INT8 activations and per-channel weights: the Q/DQ form TensorRT consumes.
+        calibrate = oq.CalibrationMethod.Entropy if method == "entropy" else oq.CalibrationMethod.MinMax
+        oq.quantize_static(str(work), str(out), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
+                           activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
+                           nodes_to_exclude=exclude, calibrate_method=calibrate,
+                           extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    except Exception as e:
+        raise ExportError(f"{src}: INT8 quantization with onnxruntime failed ({_first_line(e)})") from None

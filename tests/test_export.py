@@ -1,0 +1,170 @@
+"""Export: the deploy graph's contract, ONNX Runtime parity with PyTorch on real frames, and clean failures."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
+from pipeline.errors import ExportError
+from pipeline.evaluate import evaluate, predict
+from pipeline.export import ExportPlan, ExportSpec, export_student, graph_input
+from pipeline.models import build_model
+
+SIZE = (64, 128)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 6, 4, SIZE, 0, progress=False)
+    return build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(0)
+    model = build_model("mit_b0", num_classes=19).eval()
+    with torch.no_grad():  # a spread of classes rather than one constant guess
+        model.head.classifier.weight.mul_(300.0)
+    return model
+
+
+def plain(spec: ExportSpec, **kw) -> ExportPlan:
+    return ExportPlan(spec, fp16=False, int8=False, parity_frames=4, **kw)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_float_logits_graph_matches_pytorch_and_carries_its_contract(tmp_path, data, student):
+    train, val = data
+    report = export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE)), val, train)
+    graph = onnx.load(str(tmp_path / "student.onnx"))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    ops = {n.op_type for n in graph.graph.node}
+    assert "LayerNormalization" in ops and {"MatMul", "Softmax"} <= ops
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no custom ops, no plugins
+    (inp,), (out,) = graph.graph.input, graph.graph.output
+    assert inp.name == "image" and [d.dim_value for d in inp.type.tensor_type.shape.dim] == [1, 3, *SIZE]
+    assert out.name == "logits" and [d.dim_value for d in out.type.tensor_type.shape.dim] == [1, 19, 16, 32]
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(props["classes"])[0] == "road" and json.loads(props["mean"])[0] == pytest.approx(123.675)
+
+    par = report["artifacts"]["fp32"]["parity"]
+    assert par["frames"] == 4 and par["max_abs_logit_diff"] <= 1e-3 and par["argmax_agreement"] >= 0.999
+    # the same frames, run here by hand
+    rgb, _ = val.read(1)
+    x = graph_input(rgb, ExportSpec("float", "logits", SIZE), student.meta.mean, student.meta.std)
+    ours = session(tmp_path / "student.onnx").run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = student(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - ref).max() <= 1e-3
+
+    side = json.loads((tmp_path / "student.onnx.json").read_text())
+    assert side["sha256"] == report["artifacts"]["fp32"]["sha256"] and side["precision"] == "fp32"
+    assert side["spec"]["input"] == "float" and side["parity"]["argmax_agreement"] >= 0.999
+    # scored like the PyTorch evaluator: the val images are already 64x128, so the numbers agree
+    torch_miou = evaluate(student, torch.utils.data.DataLoader(build_dataset(
+        "synthetic", val.root, "val", EvalTransform(size=SIZE))), num_classes=19, progress=False).miou
+    assert report["pytorch"]["miou"] == pytest.approx(torch_miou, abs=1e-9)
+    assert side["miou"] == pytest.approx(torch_miou, abs=0.005)
+
+
+def test_uint8_labels_graph_normalises_inside_and_returns_class_ids(tmp_path, data, student):
+    train, val = data
+    export_student(student, tmp_path, plain(ExportSpec("uint8", "labels", SIZE)), val, train)
+    graph = onnx.load(str(tmp_path / "student.onnx"))
+    assert [o.name for o in graph.graph.output] == ["labels"]  # the parity output is gone
+    sess = session(tmp_path / "student.onnx")
+    assert sess.get_inputs()[0].type == "tensor(uint8)" and sess.get_inputs()[0].shape == [1, *SIZE, 3]
+    rgb, _ = val.read(2)
+    labels = sess.run(None, {"image": np.ascontiguousarray(rgb[None, :, :, ::-1])})[0]  # BGR, as OpenCV gives
+    assert labels.dtype == np.int32 and labels.shape == (1, *SIZE)
+    x = graph_input(rgb, ExportSpec("float", "logits", SIZE), student.meta.mean, student.meta.std)
+    with torch.no_grad():
+        expected = predict(student, torch.from_numpy(x), SIZE).numpy()
+    assert (labels == expected).mean() >= 0.999
+    assert len(np.unique(labels)) >= 3
+
+
+def test_dynamic_graph_takes_other_batches_and_sizes(tmp_path, data, student):
+    train, val = data
+    export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE, dynamic=True)), val, train)
+    sess = session(tmp_path / "student.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 160)).astype(np.float32)
+    out = sess.run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = student(torch.from_numpy(x)).numpy()
+    assert out.shape == (2, 19, 24, 40) and np.abs(out - ref).max() <= 1e-3
+
+
+def test_failed_parity_leaves_no_artifact(tmp_path, data, student):
+    train, val = data
+    with pytest.raises(ExportError, match="disagrees with PyTorch") as err:
+        export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE), parity_max_diff=0.0), val,
+                       train)
+    assert "\n" not in str(err.value) and "student.onnx" in str(err.value)
+    assert not list(tmp_path.glob("student*")) and not list(tmp_path.glob(".*"))
+
+
+def test_unwritable_output_and_bad_spec_are_one_line_errors(tmp_path, data, student):
+    train, val = data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="not writable"):
+        export_student(student, blocker / "out", plain(ExportSpec(size=SIZE)), val, train)
+    with pytest.raises(ExportError, match="export.input='rgb'"):
+        export_student(student, tmp_path, plain(ExportSpec("rgb", "logits", SIZE)), val, train)
+    with pytest.raises(ExportError, match="opset"):
+        export_student(student, tmp_path, plain(ExportSpec(size=SIZE, opset=13)), val, train)
+
+
+def run_cli(*args, cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_export_stage_writes_every_onnx_artifact_and_its_report(tmp_path, data, student):
+    pytest.importorskip("modelopt.onnx.quantization")
+    from pipeline.models import save_model
+
+    _, val = data
+    ckpt = save_model(student, tmp_path / "mine.safetensors")
+    run = tmp_path / "run"
+    keys = [f"data.root={val.root}", "data.synthetic_train=6", "data.synthetic_val=4", "data.synthetic_size=64x128",
+            "data.size=64x128", "export.calibration_frames=4", "export.parity_frames=2"]
+    code, out, err = run_cli("export", "--run-dir", str(run), "--checkpoint", str(ckpt), *keys, cwd=tmp_path)
+    assert code == 0, err
+    for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
+        assert (run / name).is_file() and json.loads((run / f"{name}.json").read_text())["artifact"] == name
+    assert not list(run.glob("*.plan"))  # no TensorRT here: said in one line, the ONNX files still written
+    assert sum("no TensorRT engines" in line for line in err.splitlines()) == 1
+    report = json.loads((run / "export.json").read_text())
+    assert set(report["artifacts"]) == {"fp32", "fp16", "int8"}
+    assert "student.int8.onnx" in (run / "export.md").read_text() and "student.int8.onnx" in out
+    # asked for explicitly, engines are an error without TensorRT
+    code, _, err = run_cli("trt-build", "--run-dir", str(run), *keys, cwd=tmp_path)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: trt-build:")
+
+
+def test_export_of_a_checkpoint_that_does_not_load_is_one_line(tmp_path, data):
+    _, val = data
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    code, _, err = run_cli("export", "--run-dir", str(tmp_path / "run"), "--checkpoint", str(bad),
+                           f"data.root={val.root}", "data.synthetic_train=6", "data.synthetic_val=4",
+                           "data.synthetic_size=64x128", cwd=tmp_path)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error:") and "broken.safetensors" in last and "Traceback" not in err
+    assert not list((tmp_path / "run").glob("student*"))

@@ -1,0 +1,216 @@
+"""FP16 and INT8 Q/DQ variants of a real B0 export, calibrated and checked on synthetic frames in ONNX Runtime CPU."""
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import precision
+from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
+from pipeline.errors import ExportError
+from pipeline.models import build_model
+
+SIZE = (64, 128)
+needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                                    reason="nvidia-modelopt not installed (pip install -r requirements-quant.txt)")
+
+
+class LabelsGraph(torch.nn.Module):
+    """The exporter's uint8-in / labels-out contract: BGR NHWC uint8 -> normalise -> model -> upsample -> argmax."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        x = (x.flip(-1).permute(0, 3, 1, 2).float() - 120.0) / 58.0
+        logits = F.interpolate(self.model(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.argmax(1).to(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """Two FP32 exports of one random-init B0 (float->logits, uint8->labels) and real synthetic frames for each."""
+    tmp = tmp_path_factory.mktemp("precision")
+    torch.manual_seed(0)
+    model = build_model("mit_b0", num_classes=19).eval()
+    fp32, labels = tmp / "student.onnx", tmp / "labels.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, torch.randn(1, 3, *SIZE), str(fp32), opset_version=17, dynamo=False,
+                          input_names=["image"], output_names=["logits"])
+        torch.onnx.export(LabelsGraph(model), torch.zeros(1, *SIZE, 3, dtype=torch.uint8), str(labels),
+                          opset_version=17, dynamo=False, input_names=["image"], output_names=["labels"])
+    graph = onnx.load(str(fp32))
+    graph.metadata_props.add(key="variant", value="mit_b0")
+    onnx.save(graph, str(fp32))
+    root = ensure_synthetic(tmp / "syn", 8, 8, SIZE, 0, progress=False)
+    sets = {s: build_dataset("synthetic", root, s, EvalTransform(size=SIZE)) for s in ("train", "val")}
+    floats = {s: np.stack([d[i]["image"].numpy() for i in range(len(d))]) for s, d in sets.items()}
+    bgr = {s: np.stack([d.read(i)[0][:, :, ::-1] for i in range(len(d))]) for s, d in sets.items()}
+    return {"dir": tmp, "fp32": fp32, "labels": labels, "float": floats, "uint8": bgr}
+
+
+def run(path, frames) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: frames[i:i + 1]})[0] for i in range(len(frames))])
+
+
+def agreement(path, ref_path, frames) -> tuple[float, float]:
+    """(argmax / label agreement, max |logit diff|) of `path` against `ref_path` on `frames`."""
+    out, ref = run(path, frames), run(ref_path, frames)
+    if out.dtype == np.int32:
+        return float((out == ref).mean()), 0.0
+    return float((out.argmax(1) == ref.argmax(1)).mean()), float(np.abs(out.astype(np.float32) - ref).max())
+
+
+def types(model) -> dict[str, int]:
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    found = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    return found | {i.name: i.data_type for i in g.initializer}
+
+
+def qdq_fed(model) -> set[str]:
+    """Names of nodes that read a DequantizeLinear output, directly or through Casts."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    fed = set()
+    for node in model.graph.node:
+        for name in node.input:
+            src = producer.get(name)
+            while src is not None and src.op_type == "Cast":
+                src = producer.get(src.input[0])
+            if src is not None and src.op_type == "DequantizeLinear":
+                fed.add(node.name)
+    return fed
+
+
+def check_int8(model, source, info) -> None:
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    tail = precision.output_tail(source)
+    assert tail and tail[-1] in info["excluded_nodes"]
+    kept = {n.name for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization")} | set(tail)
+    assert not kept & qdq_fed(model)
+    assert info["quantized_nodes"] > 0 and info["frames"] == 8
+
+
+@needs_modelopt
+def test_fp16_keeps_sensitive_ops_and_io_in_fp32(art):
+    dst = art["dir"] / "student.fp16.onnx"
+    info = precision.to_fp16(art["fp32"], dst)
+    model = onnx.load(str(dst))
+    t = types(model)
+    assert info["tool"].startswith("nvidia-modelopt") and info["fp16_initializers"] > 0
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    kept = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert kept and all(t[n.input[0]] == onnx.TensorProto.FLOAT for n in kept)
+    assert all(t[n.input[0]] == onnx.TensorProto.FLOAT16 for n in model.graph.node if n.op_type == "MatMul")
+    assert [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]] == [1, 1]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["variant"] == "mit_b0" and meta["precision"] == "fp16"
+    agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
+    assert agree >= 0.99 and diff < 5e-3, (agree, diff)
+
+
+@needs_modelopt
+def test_int8_modelopt_float_logits(art):
+    dst = art["dir"] / "student.int8.onnx"
+    info = precision.to_int8(art["fp32"], dst, art["float"]["train"], method="entropy")
+    model = onnx.load(str(dst))
+    assert info["backend"] == "modelopt" and info["method"] == "entropy" and info["high_precision"] == "fp16"
+    check_int8(model, onnx.load(str(art["fp32"])), info)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert {p.key: p.value for p in model.metadata_props}["precision"] == "int8"
+    agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
+    assert agree >= 0.9, (agree, diff)
+
+
+@needs_modelopt
+def test_int8_modelopt_uint8_labels(art):
+    dst = art["dir"] / "labels.int8.onnx"
+    info = precision.to_int8(art["labels"], dst, art["uint8"]["train"], method="max")
+    model = onnx.load(str(dst))
+    check_int8(model, onnx.load(str(art["labels"])), info)
+    assert {"ArgMax", "Resize", "Conv"} <= {n.op_type for n in onnx.load(str(art["labels"])).graph.node
+                                            if n.name in info["excluded_nodes"]}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    agree, _ = agreement(dst, art["labels"], art["uint8"]["val"])
+    assert agree >= 0.9, agree
+
+
+def test_int8_ort_backend(art):
+    dst = art["dir"] / "student.ort.int8.onnx"
+    per_frame = list(art["float"]["train"][:, None])  # N arrays of 1 x 3 x H x W, as the exporter makes them
+    info = precision.to_int8(art["fp32"], dst, per_frame, method="max", backend="ort")
+    assert info["backend"] == "ort" and info["high_precision"] == "fp32" and info["version"] == ort.__version__
+    check_int8(onnx.load(str(dst)), onnx.load(str(art["fp32"])), info)
+    agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
+    assert agree >= 0.9, (agree, diff)
+
+
+def test_static_batch_calibrates_whole_batches(art, tmp_path):
+    src, dst = tmp_path / "b2.onnx", tmp_path / "b2.int8.onnx"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(build_model("mit_b0", num_classes=19).eval(), torch.randn(2, 3, *SIZE), str(src),
+                          opset_version=17, dynamo=False, input_names=["image"], output_names=["logits"])
+    info = precision.to_int8(src, dst, art["float"]["train"][:5], backend="ort")
+    assert info["frames"] == 4 and info["calibration_batch"] == 2
+    with pytest.raises(ExportError, match="static batch 2"):
+        precision.to_int8(src, dst, art["float"]["train"][:1], backend="ort")
+
+
+@pytest.mark.parametrize("bad, found", [
+    (lambda x: x[:, :, :32, :64], "8 x 3 x 32 x 64 float32"),
+    (lambda x: x.astype(np.float64), "8 x 3 x 64 x 128 float64"),
+    (lambda x: np.zeros((8, *SIZE, 3), np.uint8), "8 x 64 x 128 x 3 uint8"),
+    (lambda x: x[:0], "0 x 3 x 64 x 128 float32"),
+])
+@pytest.mark.parametrize("backend", ["modelopt", "ort"])
+def test_wrong_calibration_is_refused(art, bad, found, backend):
+    dst = art["dir"] / "bad.int8.onnx"
+    with pytest.raises(ExportError, match="calibration data") as e:
+        precision.to_int8(art["fp32"], dst, bad(art["float"]["train"]), backend=backend)
+    assert "expected N x 3 x 64 x 128 float32" in str(e.value) and found in str(e.value)
+    assert not dst.exists()
+
+
+def test_missing_source_and_bad_options(art, tmp_path):
+    with pytest.raises(ExportError, match="not found"):
+        precision.to_fp16(tmp_path / "nope.onnx", tmp_path / "out.onnx")
+    with pytest.raises(ExportError, match="not found"):
+        precision.to_int8(tmp_path / "nope.onnx", tmp_path / "out.onnx", art["float"]["train"])
+    with pytest.raises(ExportError, match="output directory not found"):
+        precision.to_int8(art["fp32"], tmp_path / "no" / "out.onnx", art["float"]["train"], backend="ort")
+    with pytest.raises(ExportError, match="calibration method"):
+        precision.to_int8(art["fp32"], tmp_path / "out.onnx", art["float"]["train"], method="percentile")
+    with pytest.raises(ExportError, match="backend"):
+        precision.to_int8(art["fp32"], tmp_path / "out.onnx", art["float"]["train"], backend="tensorrt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_modelopt_names_the_install(art, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ExportError, match="requirements-quant.txt"):
+        precision.to_fp16(art["fp32"], tmp_path / "out.onnx")
+    with pytest.raises(ExportError, match="requirements-quant.txt"):
+        precision.to_int8(art["fp32"], tmp_path / "out.onnx", art["float"]["train"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_leaves_nothing_behind(art, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise ExportError("injected")
+
+    dst = tmp_path / "student.int8.onnx"
+    monkeypatch.setattr(precision, "_bypass_qdq", broken)
+    with pytest.raises(ExportError, match="injected"):
+        precision.to_int8(art["fp32"], dst, art["float"]["train"], backend="ort")
+    assert list(tmp_path.iterdir()) == []

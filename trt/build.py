@@ -1,0 +1,367 @@
+"""ONNX -> TensorRT engine with the TensorRT 10 Python API, plus a JSON sidecar; `python -m trt.build` is the CLI.
+
+The precision is decided in the ONNX (FP32, FP16 casts, or Q/DQ INT8) and the network is created strongly typed:
+the weak-typing FP16/INT8 builder flags and implicit INT8 calibration are deprecated in TensorRT 10 and gone in 11.
+Everything that can be checked without TensorRT (arguments, the ONNX, the shape profile) is checked before
+TensorRT is imported, so bad input fails the same way on a CPU machine as on a GPU one.
+
+Outputs: `<name>.plan` and its sidecar `<name>.plan.json` (the same `<artifact>.json` naming as the exported ONNX
+files), both written atomically; the timing cache lives in `<cache dir>/timing-<trt>-<gpu>-sm<cc>.cache`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pipeline.errors import ExportError, InputError, PipelineError
+from pipeline.io import atomic_path, sha256_file, write_json
+
+if TYPE_CHECKING:
+    import onnx
+    import tensorrt
+
+log = logging.getLogger("pipeline")
+
+Shape = tuple[int, ...]
+NOT_INSTALLED = "TensorRT is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
+HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same": "SAME_COMPUTE_CAPABILITY"}
+_SHAPE = re.compile(r"(.+):(\d+(?:x\d+)*)")  # greedy name: tensor names may contain ':' ("input:0")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy name: float32, float16, uint8, int32 ...
+    shape: tuple[int | str, ...]  # a str is a dynamic dim (its ONNX dim_param, or "?")
+
+    @property
+    def dynamic(self) -> bool:
+        return any(isinstance(d, str) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    precision: str
+    opset: int
+    metadata: dict[str, str]
+
+
+def sidecar_path(plan: str | os.PathLike) -> Path:
+    """`student.int8.plan` -> `student.int8.plan.json`."""
+    plan = Path(plan)
+    return plan.with_name(plan.name + ".json")
+
+
+def fmt(shape: Sequence[int | str]) -> str:
+    """trtexec's 1x3x512x1024; a dynamic dim shows as its name in brackets: <batch>x3x<height>x<width>."""
+    return "x".join(str(d) if isinstance(d, int) else f"<{d}>" for d in shape)
+
+
+def parse_shapes(text: str | None) -> dict[str, Shape]:
+    """trtexec syntax: `image:1x3x512x1024` or several comma separated; None or "" -> {}."""
+    shapes: dict[str, Shape] = {}
+    for item in text.split(",") if text else []:
+        m = _SHAPE.fullmatch(item.strip())
+        if not m:
+            raise InputError(f"shape {item.strip()!r}: expected name:DxDx... such as image:1x3x512x1024")
+        name, dims = m[1], tuple(int(d) for d in m[2].split("x"))
+        if min(dims) < 1 or name in shapes:
+            raise InputError(f"shape {item.strip()!r}: " + ("dims must be >= 1" if min(dims) < 1 else "given twice"))
+        shapes[name] = dims
+    return shapes
+
+
+def onnx_precision(model: onnx.ModelProto) -> str:
+    """"int8" for a Q/DQ graph, "fp16" when any tensor is float16 (weights, casts, I/O), else "fp32"."""
+    from onnx import TensorProto
+
+    g, f16 = model.graph, TensorProto.FLOAT16
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+        return "int8"
+    typed = [*g.input, *g.output, *g.value_info]
+    if (any(t.data_type == f16 for t in g.initializer) or any(v.type.tensor_type.elem_type == f16 for v in typed)
+            or any(a.name == "to" and a.i == f16 for n in g.node if n.op_type == "Cast" for a in n.attribute)
+            or any(a.t.data_type == f16 for n in g.node if n.op_type == "Constant" for a in n.attribute)):
+        return "fp16"
+    return "fp32"
+
+
+def _tensor(v: onnx.ValueInfoProto) -> Tensor:
+    from onnx import helper
+
+    t = v.type.tensor_type
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    except (KeyError, TypeError):  # a type numpy has no name for: keep ONNX's own
+        dtype = helper.tensor_dtype_to_string(t.elem_type)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+    return Tensor(v.name, dtype, dims)
+
+
+def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
+    """Inputs, outputs, precision and metadata of an ONNX file; external weights are not loaded."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, or onnx's own errors: say which file, in one line
+        raise InputError(f"{path}: not an ONNX model ({(str(e) or type(e).__name__).splitlines()[0]})") from None
+    # protobuf decodes some arbitrary bytes without complaint: a real model has an IR version and nodes
+    if model.ir_version == 0 or not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no IR version or no graph nodes)")
+    weights = {i.name for i in model.graph.initializer}  # old exporters list initializers among the inputs
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return OnnxInfo([_tensor(v) for v in model.graph.input if v.name not in weights],
+                    [_tensor(v) for v in model.graph.output], onnx_precision(model), opset,
+                    {p.key: p.value for p in model.metadata_props})
+
+
+def resolve_profile(inputs: Sequence[Tensor], min_shapes: Mapping[str, Sequence[int]] | None = None,
+                    opt_shapes: Mapping[str, Sequence[int]] | None = None,
+                    max_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) per input. A missing opt falls back to max then min, missing min/max to opt (trtexec's
+    --shapes); a static input needs nothing, and any shape given for it must equal its static shape."""
+    given = {"min": dict(min_shapes or {}), "opt": dict(opt_shapes or {}), "max": dict(max_shapes or {})}
+    known = [t.name for t in inputs]
+    for kind, shapes in given.items():
+        for name in shapes:
+            if name not in known:
+                raise InputError(f"{kind} shape for {name!r}: the ONNX has no such input (inputs: {', '.join(known)})")
+    profile = {}
+    for t in inputs:
+        mn, opt, mx = (tuple(given[k][t.name]) if t.name in given[k] else None for k in ("min", "opt", "max"))
+        opt = opt or mx or mn
+        if opt is None:
+            if t.dynamic:
+                raise InputError(f"input {t.name!r} has dynamic dims: give its opt (and min/max) shape, e.g. "
+                                 f"--opt {t.name}:{fmt(t.shape)} with numbers for the <dims>")
+            opt = tuple(int(d) for d in t.shape)
+        mn, mx = mn or opt, mx or opt
+        for kind, s in (("opt", opt), ("min", mn), ("max", mx)):  # opt first: min and max may be copies of it
+            if len(s) != len(t.shape) or any(isinstance(w, int) and d != w for d, w in zip(s, t.shape)):
+                raise InputError(f"{kind} shape {t.name}:{fmt(s)} does not fit the input's shape {fmt(t.shape)}")
+        if any(a > b for a, b in zip(mn, opt)) or any(a > b for a, b in zip(opt, mx)):
+            raise InputError(f"input {t.name!r}: expected min <= opt <= max in every dim, got min {fmt(mn)}, "
+                             f"opt {fmt(opt)}, max {fmt(mx)}")
+        profile[t.name] = (mn, opt, mx)
+    return profile
+
+
+def gpu_info() -> dict[str, str] | None:
+    """Name and compute capability ("8.6") of the GPU TensorRT will build for, or None where none is visible."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    # a CPU build of torch on a GPU machine: ask the driver (which ignores CUDA_VISIBLE_DEVICES; first GPU)
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name, _, cc = out.strip().partition("\n")[0].rpartition(",")
+    return {"name": name.strip(), "compute_capability": cc.strip()} if name.strip() else None
+
+
+def tensorrt_unavailable() -> str | None:
+    """One line saying why no engine can be built here, or None when TensorRT and a CUDA GPU are usable."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer cannot be loaded
+        first = (str(e) or type(e).__name__).splitlines()[0]
+        return NOT_INSTALLED if isinstance(e, ModuleNotFoundError) else f"TensorRT cannot be loaded ({first})"
+    # tensorrt-stubs (for mypy) installs a bare `tensorrt/` folder that imports as an empty namespace package
+    if not hasattr(trt, "Builder"):
+        return NOT_INSTALLED
+    if int(trt.__version__.split(".")[0]) < 10:
+        return f"TensorRT {trt.__version__} is too old (10.3 or later needed)"
+    return None if gpu_info() else "no CUDA GPU is visible (torch.cuda and nvidia-smi found none)"
+
+
+def timing_cache_path(cache_dir: str | os.PathLike, trt_version: str, gpu_name: str, compute_capability: str) -> Path:
+    """A cache is only valid for one TensorRT version and GPU model, so both are in its name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    version = re.sub(r"[^0-9A-Za-z.]+", "-", trt_version)
+    return Path(cache_dir) / f"timing-{version}-{slug}-sm{compute_capability.replace('.', '')}.cache"
+
+
+def _logger(errors: list[str]) -> tensorrt.ILogger:
+    """TensorRT's messages into our log; errors also into `errors`, for the one-line message of a failed build."""
+    import tensorrt as trt
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # pybind11 needs the base initialised explicitly
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            error = severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR)
+            if error:
+                errors.append(" ".join(msg.split()))
+            log.log(logging.ERROR if error else logging.WARNING if severity == trt.ILogger.WARNING else logging.DEBUG,
+                    "TensorRT: %s", msg)
+
+    return Logger()
+
+
+def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike | None = None, *,
+                 min_shapes: Mapping[str, Sequence[int]] | None = None,
+                 opt_shapes: Mapping[str, Sequence[int]] | None = None,
+                 max_shapes: Mapping[str, Sequence[int]] | None = None,
+                 workspace_gib: float = 4.0, opt_level: int = 3, timing_cache_dir: str | os.PathLike | None = None,
+                 hardware_compat: str = "none", version_compatible: bool = False,
+                 exclude_lean_runtime: bool = False) -> dict:
+    """Build `plan_path` (default: the ONNX path with .plan) and its sidecar; returns the sidecar's content.
+    Raises InputError for bad arguments or ONNX, ExportError where TensorRT is missing or the build fails;
+    either way no plan is left behind."""
+    onnx_path = Path(onnx_path)
+    plan_path = Path(plan_path) if plan_path is not None else onnx_path.with_suffix(".plan")
+    info = inspect_onnx(onnx_path)
+    profile = resolve_profile(info.inputs, min_shapes, opt_shapes, max_shapes)
+    if plan_path.resolve() == onnx_path.resolve():
+        raise InputError(f"{plan_path}: the engine would overwrite its ONNX")
+    if not 0 <= opt_level <= 5:
+        raise InputError(f"opt_level={opt_level}: expected 0..5")
+    if not workspace_gib > 0:
+        raise InputError(f"workspace_gib={workspace_gib}: expected > 0")
+    if hardware_compat not in HARDWARE_COMPAT:
+        raise InputError(f"hardware_compat={hardware_compat!r}: expected one of {', '.join(HARDWARE_COMPAT)}")
+    if exclude_lean_runtime and not version_compatible:
+        raise InputError("exclude_lean_runtime only applies to a version-compatible build")
+    reason = tensorrt_unavailable()
+    if reason:
+        raise ExportError(f"{plan_path.name}: cannot build the engine: {reason}")
+    import tensorrt as trt
+
+    gpu = gpu_info() or {"name": "unknown", "compute_capability": "0.0"}
+    if hardware_compat == "ampere+" and int(gpu["compute_capability"].split(".")[0]) < 8:
+        raise ExportError(f"{plan_path.name}: hardware_compat ampere+ needs an Ampere or newer GPU, not {gpu['name']}")
+    errors: list[str] = []
+    logger = _logger(errors)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # by path, so external weights next to the ONNX are found
+        why = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ") for i in range(parser.num_errors))
+        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {why or 'no error reported'}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = opt_level
+    try:
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[hardware_compat])
+    except AttributeError:  # SAME_COMPUTE_CAPABILITY arrived after 10.3
+        raise ExportError(f"hardware_compat {hardware_compat}: not in TensorRT {trt.__version__}") from None
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if exclude_lean_runtime:
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if any(t.dynamic for t in info.inputs):
+        shapes = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in profile.items():
+            shapes.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
+        if config.add_optimization_profile(shapes) < 0:
+            raise ExportError(f"{onnx_path}: TensorRT rejected the shape profile {profile}")
+
+    cache_file = None
+    if timing_cache_dir is not None:
+        cache_file = timing_cache_path(timing_cache_dir, trt.__version__, gpu["name"], gpu["compute_capability"])
+        data = cache_file.read_bytes() if cache_file.is_file() else b""
+        try:  # a damaged file: TensorRT returns no cache, raises, or refuses it; then start a fresh one
+            cache = config.create_timing_cache(data)
+            usable = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+        except (RuntimeError, TypeError):
+            usable = False
+        if not usable:
+            log.warning("%s: unusable timing cache, starting a new one", cache_file)
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    log.info("building %s from %s (%s, TensorRT %s, %s)", plan_path.name, onnx_path.name, info.precision,
+             trt.__version__, gpu["name"])
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:  # the stubs say IHostMemory; the documented failure value is None
+        raise ExportError(f"{onnx_path}: TensorRT could not build the engine: {errors[-1] if errors else 'no error'}")
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
+
+    inputs = [{**asdict(t), **({"profile": dict(zip(("min", "opt", "max"), map(list, profile[t.name])))}
+                               if t.dynamic else {})} for t in info.inputs]
+    sidecar: dict[str, Any] = {
+        "file": plan_path.name, "precision": info.precision, "tensorrt": trt.__version__, "gpu": gpu,
+        "inputs": inputs, "outputs": [asdict(t) for t in info.outputs],
+        "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": info.opset},
+        "build": {"strongly_typed": True, "workspace_gib": workspace_gib, "opt_level": opt_level,
+                  "hardware_compat": hardware_compat, "version_compatible": version_compatible,
+                  "exclude_lean_runtime": exclude_lean_runtime,
+                  "timing_cache": cache_file.name if cache_file else None, "seconds": round(seconds, 1)},
+        "metadata": info.metadata,
+    }
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(plan)
+        sidecar.update(sha256=sha256_file(tmp), bytes=tmp.stat().st_size)
+        write_json(sidecar_path(plan_path), sidecar)
+    log.info("wrote %s (%.1f MB, %.0f s) and %s", plan_path, sidecar["bytes"] / 1e6, seconds,
+             sidecar_path(plan_path).name)
+    return sidecar
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, where argparse prints usage + error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m trt.build", description="ONNX -> TensorRT engine (strongly typed; the precision "
+                                                         "comes from the ONNX) plus a JSON sidecar.")
+    p.add_argument("onnx", help="FP32, FP16 or Q/DQ INT8 ONNX file")
+    p.add_argument("-o", "--output", help="engine file (default: the ONNX path with .plan)")
+    for kind in ("min", "opt", "max"):
+        p.add_argument(f"--{kind}", default="", help=f"{kind} shapes of dynamic inputs, e.g. image:1x3x512x1024")
+    p.add_argument("--workspace", type=float, default=4.0, help="workspace limit in GiB (default 4)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level")
+    p.add_argument("--timing-cache", help="folder of timing caches kept across builds")
+    p.add_argument("--hardware-compat", default="none", choices=list(HARDWARE_COMPAT))
+    p.add_argument("--version-compatible", action="store_true", help="plan runs on later TensorRT 10.x runtimes")
+    p.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plan")
+    p.add_argument("-v", "--verbose", action="store_true", help="also TensorRT's info messages")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
+    try:
+        build_engine(a.onnx, a.output, min_shapes=parse_shapes(a.min), opt_shapes=parse_shapes(a.opt),
+                     max_shapes=parse_shapes(a.max), workspace_gib=a.workspace, opt_level=a.opt_level,
+                     timing_cache_dir=a.timing_cache, hardware_compat=a.hardware_compat,
+                     version_compatible=a.version_compatible, exclude_lean_runtime=a.exclude_lean_runtime)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
