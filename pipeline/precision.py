@@ -32,8 +32,15 @@ _TAIL_OPS = {"Resize", "ArgMax", "Cast", "Identity", "Transpose", "Reshape", "Sq
 # Run in a child interpreter: modelopt patches ONNX Runtime's quantization registries and the logging setup of the
 # whole process, and a native crash during calibration must surface as an ExportError, not end the pipeline.
 _MODELOPT_CHILD = """
-import json, sys
+import importlib, json, sys
 import numpy as np
+# tensorrt-stubs (for mypy) leaves a bare `tensorrt/` folder that imports as an empty namespace package, which
+# modelopt would take for TensorRT: hide it
+try:
+    if not hasattr(importlib.import_module("tensorrt"), "Logger"):
+        sys.modules["tensorrt"] = None
+except ImportError:
+    pass
 from modelopt.onnx.quantization import quantize
 job = json.loads(sys.argv[1])
 quantize(job.pop("onnx_path"), calibration_data=np.load(job.pop("calibration")), **job)
