@@ -168,3 +168,28 @@ def test_export_of_a_checkpoint_that_does_not_load_is_one_line(tmp_path, data):
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error:") and "broken.safetensors" in last and "Traceback" not in err
     assert not list((tmp_path / "run").glob("student*"))
+
+
+def test_export_of_a_hugging_face_folder(tmp_path, data):
+    """`export --checkpoint` takes what load_model takes: here a transformers save_pretrained folder."""
+    pytest.importorskip("transformers")
+    from tests.test_checkpoints import hf_model
+
+    _, val = data
+    hf = hf_model("mit_b0").eval()
+    hf.save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    code, _, err = run_cli("export", "--run-dir", str(run), "--checkpoint", str(tmp_path / "hf"),
+                           f"data.root={val.root}", "data.synthetic_train=6", "data.synthetic_val=4",
+                           "data.synthetic_size=64x128", "data.size=64x128", "export.fp16=false",
+                           "export.int8=false", "export.parity_frames=2", cwd=tmp_path)
+    assert code == 0, err
+    side = json.loads((run / "student.onnx.json").read_text())
+    assert side["parity"]["max_abs_logit_diff"] <= 1e-3 and side["parity"]["argmax_agreement"] >= 0.999
+    # the exported graph computes what transformers' own model computes
+    x = graph_input(val.read(0)[0], ExportSpec("float", "logits", SIZE), side["normalization"]["mean"],
+                    side["normalization"]["std"])
+    ours = session(run / "student.onnx").run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(x)).logits.numpy()
+    assert ours.shape == ref.shape == (1, 19, 16, 32) and np.abs(ours - ref).max() <= 1e-3
