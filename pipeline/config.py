@@ -89,6 +89,18 @@ class ExportConfig:
 
 
 @dataclass
+class BenchConfig:
+    size: tuple[int, int] = (0, 0)  # network HxW latency is measured at; 0x0: the exported size (data.size)
+    batch: int = 1
+    warmup: int = 3  # calls per artifact before timing
+    iterations: int = 20  # timed calls per artifact, interleaved over `rounds`
+    rounds: int = 5
+    threads: int = 0  # CPU threads for PyTorch and ONNX Runtime; 0: their default
+    eval_frames: int = 0  # validation frames each artifact is scored on; 0: all
+    cuda: str = "auto"  # auto: also time on the GPU when one is visible | off
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(variant="mit_b2"))
@@ -96,6 +108,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -119,6 +132,7 @@ CHOICES = {
     "export.output": ("logits", "labels"),
     "export.calibration_method": ("entropy", "max"),
     "export.engines": ("auto", "off"),
+    "bench.cuda": ("auto", "off"),
 }
 
 
@@ -175,7 +189,7 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
     """Set dotted keys on `cfg` (values already parsed from YAML or the command line)."""
     known = keys(cfg)
     hints = {t.__name__: typing.get_type_hints(t) for t in (DataConfig, ModelConfig, TrainConfig, DistillConfig,
-                                                              ExportConfig, Config)}
+                                                              ExportConfig, BenchConfig, Config)}
     where = f" (in {source})" if source else ""
     for key, value in overrides.items():
         if key.startswith("distill.weights.") and key.count(".") == 2:
@@ -219,6 +233,12 @@ def validate(cfg: Config) -> None:
     if e.batch < 1 or e.opset < 17 or not 0 <= e.opt_level <= 5 or e.calibration_frames < 1:
         raise ConfigError("export.batch and export.calibration_frames must be >= 1, export.opset >= 17, "
                           "export.opt_level within 0..5")
+    b = cfg.bench
+    if b.size != (0, 0) and min(b.size) < 32:
+        raise ConfigError(f"bench.size={b.size}: height and width must be >= 32 (or 0x0 for the exported size)")
+    if min(b.batch, b.iterations, b.rounds) < 1 or b.warmup < 0 or b.threads < 0 or b.eval_frames < 0:
+        raise ConfigError("bench.batch, bench.iterations and bench.rounds must be >= 1, bench.warmup, "
+                          "bench.threads and bench.eval_frames >= 0")
     for key in ("teacher.steps", "student.steps"):
         if keys(cfg)[key] < 0:
             raise ConfigError(f"{key}: expected an integer >= 0")

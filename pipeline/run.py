@@ -24,6 +24,7 @@ STAGES = {
     "export": "student.onnx (parity-checked), student.fp16.onnx, student.int8.onnx + sidecars and export.md; "
               "TensorRT plans where TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)",
     "trt-build": "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is missing)",
+    "bench": "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, report.png",
 }
 TRAINING_STAGES = ("teacher", "distill")
 log = logging.getLogger("pipeline")
@@ -93,8 +94,9 @@ def _write_config(run_dir: Path, cfg: Config, training: bool) -> None:
         except yaml.YAMLError:
             old = {}
         new = config_mod.flatten(yaml.safe_load(text))
-        differ = sorted(k for k in set(old) | set(new)
-                        if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS and not k.startswith("export."))
+        # export.* and bench.* only shape artifacts made from the trained models, never the training itself
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS
+                        and not k.startswith(("export.", "bench.")))
         if training and cfg.train.resume == "auto" and differ:
             shown = ", ".join(differ[:6]) + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
             raise ConfigError(f"{path}: this run directory was made with other values of {shown}; use another "

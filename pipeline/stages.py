@@ -200,6 +200,18 @@ def run_trt_build(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {"engines": _build_engines(cfg, run_dir)}
 
 
+def run_bench(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """Params, GMACs, latency and mIoU of every artifact in the run directory (benchmarks/report.py)."""
+    if not env.main:
+        return {}
+    from benchmarks.report import bench_run
+
+    _, val = datasets(cfg, run_dir, env)
+    report = bench_run(cfg, run_dir, val)
+    print((run_dir / "report.md").read_text())
+    return {"rows": len(report["results"])}
+
+
 def _skipped(run_dir: Path) -> int:
     f = run_dir / "skipped_samples.txt"
     return len(set(f.read_text().splitlines())) if f.is_file() else 0
@@ -227,5 +239,8 @@ def print_outputs(run_dir: Path, results: dict) -> None:
                 if isinstance(file, str) and file.endswith(".plan"):
                     rows.append((file, "TensorRT engine (+ .json sidecar)"))
             rows.append(("export.md", "parity and mIoU of every artifact (export.json: all details)"))
+        if name == "bench" and res:
+            rows.append(("report.md", f"params, GMACs, latency and mIoU of {res['rows']} artifact/device pairs "
+                                      "(report.json, report.png: mIoU against latency)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join([f"run directory: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]))

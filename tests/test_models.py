@@ -5,6 +5,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.models import VARIANTS, SegFormerConfig, build_model
+from tests.conftest import max_diff
 
 
 def n_params(model) -> int:
@@ -93,3 +94,42 @@ def test_wrong_input_rank_or_channels(shape):
 def test_too_small_input_is_refused():
     with pytest.raises(InputError, match=">= 32"):
         build_model("mit_b0").eval()(torch.randn(1, 3, 16, 64))
+
+
+def _random_bn_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["mit_b0", "mit_b1"])
+def test_folded_head_gives_the_same_logits_with_far_fewer_macs(variant):
+    from benchmarks.flops import count_model
+    from pipeline.models import deploy_copy
+    from pipeline.models.segformer import FoldedHead
+
+    model = _random_bn_stats(build_model(variant))
+    folded = deploy_copy(model)
+    assert isinstance(folded.head, FoldedHead) and not isinstance(model.head, FoldedHead)  # the original is kept
+    x = torch.randn(2, 3, 96, 160)
+    with torch.inference_mode():
+        ref, out = model(x), folded(x)
+    assert max_diff(ref, out) <= 1e-4 * ref.abs().max().item()
+    # the fusion conv on 4 x 256 channels at 1/4 scale was most of the convolution MACs
+    assert count_model(folded, (512, 1024)).conv < 0.35 * count_model(model, (512, 1024)).conv
+
+
+def test_mmseg_head_is_not_folded():
+    from pipeline.models import deploy_copy
+    from pipeline.models.segformer import FoldedHead
+
+    model = _random_bn_stats(build_model("mit_b0", head_style="mmseg"))
+    copy = deploy_copy(model)
+    assert not isinstance(copy.head, FoldedHead) and copy is not model
+    with pytest.raises(ValueError, match="only an eval-mode 'mlp' head folds"):
+        FoldedHead(model.head)

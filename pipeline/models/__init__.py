@@ -2,6 +2,7 @@
 
 from pipeline.models.checkpoints import load_model, save_model
 from pipeline.models.mit import VARIANTS, SegFormerConfig
-from pipeline.models.segformer import ModelMeta, SegFormer, Taps, build_model
+from pipeline.models.segformer import ModelMeta, SegFormer, Taps, build_model, deploy_copy
 
-__all__ = ["VARIANTS", "ModelMeta", "SegFormer", "SegFormerConfig", "Taps", "build_model", "load_model", "save_model"]
+__all__ = ["VARIANTS", "ModelMeta", "SegFormer", "SegFormerConfig", "Taps", "build_model", "deploy_copy", "load_model",
+           "save_model"]

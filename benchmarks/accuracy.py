@@ -1,0 +1,98 @@
+"""mIoU of any artifact (checkpoint, ONNX of any precision, TensorRT engine) on a dataset split, through Segmenter.
+
+    python benchmarks/accuracy.py runs/X/student.int8.onnx runs/X/student.safetensors --dataset synthetic \
+        --root data/synthetic --split val [--size 128x256] [--frames 100] [--json FILE]
+
+Frames go in as a camera gives them (BGR uint8, full resolution); Segmenter resizes them to the network and
+returns class ids at full resolution, the path the ROS node takes. The score is the training evaluator's
+(confusion matrix at full label resolution, 255 ignored), so a PyTorch checkpoint scores what `eval` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.flops import parse_size  # noqa: E402
+from pipeline.errors import InputError, PipelineError  # noqa: E402
+from pipeline.evaluate import ConfusionMatrix, EvalResult  # noqa: E402
+
+
+def picks(n: int, frames: int) -> list[int]:
+    """`frames` indices spread evenly over a split of `n` (all of them for frames <= 0)."""
+    if frames <= 0 or frames >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, frames).round()]
+
+
+def score(seg, dataset, frames: int = 0, progress: bool = True) -> EvalResult:
+    """mIoU of a Segmenter on `dataset` (any SegDataset; its transform is not used: raw frames go in)."""
+    n_classes = len(seg.classes)
+    if n_classes != dataset.num_classes:
+        raise InputError(f"{seg.path}: predicts {n_classes} classes, {dataset.name} has {dataset.num_classes}")
+    if len(dataset) == 0:
+        raise InputError(f"{dataset.root}: the {dataset.split} split is empty")
+    cm = ConfusionMatrix(n_classes)
+    for i in tqdm(picks(len(dataset), frames), desc=seg.path.name, disable=not progress, leave=False):
+        rgb, label = dataset.read(i)
+        ids = seg.predict(np.ascontiguousarray(rgb[:, :, ::-1]))
+        cm.update(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+    return cm.result(dataset.classes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifacts", nargs="+", help="checkpoints, .onnx files, .plan engines")
+    ap.add_argument("--dataset", default="synthetic", help="synthetic, cityscapes, acdc, nyuv2, voc")
+    ap.add_argument("--root", default="data/synthetic", help="the dataset folder")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--size", help="network HxW where the artifact does not fix it (PyTorch, dynamic ONNX)")
+    ap.add_argument("--frames", type=int, default=0, help="frames spread over the split (0: all)")
+    ap.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    ap.add_argument("--device", default="auto", help="PyTorch device")
+    ap.add_argument("--per-class", action="store_true", help="print the per-class IoU table of each artifact")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    from pipeline.data import build_dataset
+    from pipeline.infer import Segmenter
+    from pipeline.io import write_json
+
+    rows = []
+    try:
+        size = parse_size(args.size) if args.size else None
+        dataset = build_dataset(args.dataset, args.root, args.split)
+        for path in args.artifacts:
+            seg = Segmenter.open(path, device=args.device, provider=args.provider, size=size)
+            if seg.size is None:
+                raise InputError(f"{path}: the network takes any size: give --size HxW (the size it was trained at)")
+            res = score(seg, dataset, args.frames)
+            rows.append({**seg.describe(), "miou": res.miou, "pixel_accuracy": res.pixel_acc,
+                         "frames": len(picks(len(dataset), args.frames)), "result": res.to_dict()})
+            if args.per_class:
+                print(f"{path}:\n{res.table()}\n")
+    except PipelineError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"mIoU on {rows[0]['frames']} {args.dataset} {args.split} frames at full label resolution")
+    print("| artifact | backend | precision | size | mIoU % | pixel acc % |\n|---|---|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {Path(r['artifact']).name} | {r['backend']} | {r['precision']} | {r['size'][0]}x{r['size'][1]} | "
+              f"{100 * r['miou']:.2f} | {100 * r['pixel_accuracy']:.2f} |")
+    if args.json:
+        write_json(Path(args.json), {"dataset": args.dataset, "split": args.split, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

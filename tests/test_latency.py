@@ -1,0 +1,180 @@
+"""benchmarks/latency.py, accuracy.py and the bench stage: statistics, interleaving, every backend here end to end,
+the JSON schema, and the refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import latency
+from benchmarks.latency import Target, parse_amount, run_interleaved, summarize
+from pipeline.data import build_dataset, ensure_synthetic
+from pipeline.errors import InputError
+from pipeline.export import ExportPlan, ExportSpec, export_student
+from pipeline.models import build_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (64, 128)
+
+
+def test_statistics_of_known_timings():
+    s = summarize([float(v) for v in range(1, 101)], batch=4)  # 1..100 ms
+    assert s["count"] == 100 and s["mean"] == 50.5 and s["min"] == 1 and s["max"] == 100
+    # linear interpolation between closest ranks: p = 1 + (n - 1) q
+    assert s["p50"] == pytest.approx(50.5) and s["p90"] == pytest.approx(90.1) and s["p95"] == pytest.approx(95.05)
+    assert s["p99"] == pytest.approx(99.01)
+    assert s["std"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert s["throughput"] == pytest.approx(4 * 1000 / 50.5)
+    one = summarize([7.0])
+    assert one["std"] == 0.0 and one["p99"] == 7.0 and one["throughput"] == pytest.approx(1000 / 7)
+    with pytest.raises(InputError, match="no timing samples"):
+        summarize([])
+
+
+def test_amounts():
+    assert parse_amount("50", "--iterations") == ("count", 50.0)
+    assert parse_amount("1.5s", "--iterations") == ("seconds", 1.5)
+    assert parse_amount("0", "--warmup") == ("count", 0.0)
+    for bad in ("0", "-3", "abc", "2m"):
+        with pytest.raises(InputError, match="--iterations"):
+            parse_amount(bad, "--iterations")
+
+
+def test_interleaving_alternates_and_shares_the_iterations():
+    calls = []
+
+    def target(name):
+        t = Target(name, "onnx", Path(name), {})
+        t.step = lambda: calls.append(name) or {"compute": 1.0}
+        return t
+
+    ts = [target("a"), target("b"), target("c")]
+    run_interleaved(ts, ("count", 1), ("count", 6), rounds=3)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, not kept
+    timed = calls[3:]
+    # rounds of 2 calls each, the order reversed every other round
+    assert timed == ["a", "a", "b", "b", "c", "c", "c", "c", "b", "b", "a", "a", "a", "a", "b", "b", "c", "c"]
+    assert all(len(t.samples["compute"]) == 6 for t in ts)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as distill + export leave it (teacher, student, student.onnx, student.int8.onnx)."""
+    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 6, 4, SIZE, 0, progress=False)
+    train, val = build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    student = build_model("mit_b0", num_classes=19).eval()
+    with torch.no_grad():
+        student.head.classifier.weight.mul_(300.0)
+    save_model(student, run / "student.safetensors")
+    save_model(build_model("mit_b1", num_classes=19).eval(), run / "teacher.safetensors")
+    int8 = pytest.importorskip("modelopt.onnx.quantization", reason="INT8 needs nvidia-modelopt") is not None
+    export_student(student, run, ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=int8,
+                                            parity_frames=2, calibration_frames=4), val, train)
+    return run, root
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_latency_of_every_backend_here_with_a_baseline(run_dir, tmp_path):
+    run, _ = run_dir
+    out = tmp_path / "lat.json"
+    code, stdout, err = cli("benchmarks/latency.py", "--onnx", str(run / "student.onnx"),
+                            str(run / "student.int8.onnx"), "--checkpoint", str(run / "student.safetensors"),
+                            "--size", "64x128", "--warmup", "1",
+                            "--iterations", "4", "--rounds", "2", "--threads", "1", "--e2e", "--frame-size", "96x192",
+                            "--baseline", "student.safetensors", "--json", str(out))
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["schema"] == "transkd-latency/1"
+    assert set(report) == {"schema", "settings", "machine", "results"}
+    assert {"cpu", "cpu_count", "torch", "onnxruntime", "gpu"} <= set(report["machine"])
+    rows = {r["label"]: r for r in report["results"]}
+    assert set(rows) == {"student.onnx", "student.int8.onnx", "student.safetensors"}
+    assert rows["student.onnx"]["backend"] == "onnxruntime" and rows["student.safetensors"]["backend"] == "torch"
+    assert rows["student.int8.onnx"]["precision"] == "int8"
+    for r in rows.values():
+        assert set(latency.STATS) | {"count", "throughput"} == set(r["compute"]) and r["compute"]["count"] == 4
+        assert r["compute"]["min"] <= r["compute"]["p50"] <= r["compute"]["p99"] <= r["compute"]["max"]
+        assert {"preprocess", "postprocess", "end_to_end"} <= set(r) and r["frame_size"] == "96x192"
+        assert r["end_to_end"]["mean"] >= r["preprocess"]["mean"]
+    assert rows["student.safetensors"]["speedup_vs_baseline"] == 1.0
+    assert rows["student.onnx"]["speedup_vs_baseline"] == pytest.approx(
+        rows["student.safetensors"]["compute"]["p50"] / rows["student.onnx"]["compute"]["p50"])
+    assert "| student.int8.onnx | onnxruntime (cpu) |" in stdout and "end to end" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--onnx", "nope.onnx"], "nope.onnx: no such artifact"),
+    (["--onnx", "{run}/student.onnx", "--batch", "2"], "fixed at batch 1"),
+    (["--onnx", "{run}/student.onnx", "--size", "128x256"], "fixed at 64x128"),
+    (["--checkpoint", "{run}/student.safetensors"], "give --size"),
+    (["--onnx", "{run}/student.onnx", "--baseline", "other.onnx"], "--baseline other.onnx: not one of"),
+    (["--onnx", "{run}/student.onnx", "--iterations", "ten"], "--iterations 'ten'"),
+    ([], "nothing to time"),
+])
+def test_latency_refusals_are_one_line(run_dir, args, message):
+    run, _ = run_dir
+    code, _, err = cli("benchmarks/latency.py", *[a.format(run=run) for a in args])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_engine_outside_its_profile_is_refused_before_tensorrt_is_needed(run_dir, tmp_path):
+    pytest.importorskip("trt.runtime")
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"engine bytes")
+    side = {"file": plan.name, "precision": "fp16", "tensorrt": "10.3.0",
+            "gpu": {"name": "x", "compute_capability": "8.6"},
+            "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
+                        "profile": {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 128], "max": [2, 3, 128, 256]}}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 19, "h", "w"]}],
+            "source": {"file": "student.fp16.onnx", "sha256": "0", "opset": 19}, "metadata": {},
+            "build": {"version_compatible": False, "hardware_compat": "none"}}
+    (tmp_path / "student.fp16.plan.json").write_text(json.dumps(side))
+    code, _, err = cli("benchmarks/latency.py", "--engine", str(plan), "--batch", "4", "--size", "64x128")
+    assert code == 2 and err.count("\n") == 1 and "4" in err and "profile" in err, err
+    code, _, err = cli("benchmarks/latency.py", "--engine", str(plan), "--size", "512x1024")
+    assert code == 2 and err.count("\n") == 1 and "profile" in err, err
+
+
+def test_accuracy_of_artifacts_equals_the_export_measurement(run_dir, tmp_path):
+    run, root = run_dir
+    out = tmp_path / "acc.json"
+    code, stdout, err = cli("benchmarks/accuracy.py", str(run / "student.onnx"), str(run / "student.safetensors"),
+                            "--root", str(root), "--size", "64x128", "--json", str(out))
+    assert code == 0, err
+    rows = {Path(r["artifact"]).name: r for r in json.loads(out.read_text())["results"]}
+    side = json.loads((run / "student.onnx.json").read_text())
+    # the export scored the ONNX on the same frames through its own path: the same number
+    assert rows["student.onnx"]["miou"] == pytest.approx(side["miou"], abs=1e-9)
+    assert rows["student.safetensors"]["miou"] == pytest.approx(side["pytorch_miou"], abs=2e-3)
+    assert "| student.onnx | onnxruntime | fp32 | 64x128 |" in stdout
+
+
+def test_bench_stage_writes_report_md_json_and_plot(run_dir):
+    run, root = run_dir
+    keys = [f"data.root={root}", "data.synthetic_train=6", "data.synthetic_val=4", "data.synthetic_size=64x128",
+            "data.size=64x128", "bench.iterations=2", "bench.rounds=1", "bench.warmup=0", "bench.threads=1"]
+    code, stdout, err = cli("-m", "pipeline.run", "bench", "--run-dir", str(run), *keys)
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["label"]: r for r in report["results"]}
+    assert {"teacher.safetensors", "student.safetensors", "student.onnx"} <= set(rows)
+    assert rows["teacher.safetensors"]["speedup_vs_teacher"] == 1.0
+    assert rows["student.onnx"]["miou"] == pytest.approx(json.loads((run / "student.onnx.json").read_text())["miou"],
+                                                         abs=1e-9)
+    cx = report["complexity"]
+    assert cx["teacher.safetensors"]["gmacs"] > cx["student.safetensors"]["gmacs"] > cx["student.onnx"]["gmacs"]
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (run / "report.md").read_text()
+    assert "| student.onnx | cpu | onnxruntime | fp32 |" in md and "report.png" in md and "report.md" in stdout
