@@ -62,14 +62,14 @@ def parse_amount(text: str, what: str) -> tuple[str, float]:
 
 @dataclass
 class Target:
-    """One artifact with its settings; `step` times one call and returns {phase: ms}."""
+    """One artifact with its settings; `step(n)` times n calls and returns {phase: [ms per call]}."""
 
     label: str
     kind: str  # engine | onnx | checkpoint
     path: Path
     options: dict
     info: dict = field(default_factory=dict)
-    step: Callable[[], dict[str, float]] | None = None
+    step: Callable[[int], dict[str, list[float]]] | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -114,42 +114,48 @@ def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tup
               "frame_size": f"{(frame_size or net)[0]}x{(frame_size or net)[1]}"}
     backend = seg.backend
 
+    sizes = [f.shape[:2] for f in frames]
+
+    def host_compute(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            backend.run(x)
+            backend.sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def host_e2e(n: int) -> dict[str, list[float]]:
+        """A whole predict() on the frames, timed on the host phase by phase."""
+        out: dict[str, list[float]] = {"preprocess": [], "postprocess": [], "end_to_end": []}
+        for _ in range(n):
+            t0 = time.perf_counter()
+            xs = seg.preprocess(frames)[0]
+            t1 = time.perf_counter()
+            raw = backend.run(xs)
+            backend.sync()
+            t2 = time.perf_counter()
+            seg.postprocess(raw, sizes)
+            t3 = time.perf_counter()
+            for k, v in zip(out, (t1 - t0, t3 - t2, t3 - t0)):
+                out[k].append(v * 1e3)
+        return out
+
     if t.kind == "engine":
         runner = backend.runner  # type: ignore[attr-defined]
         runner.set_input_shape(x.shape)
         t.info["cuda_graph"] = cuda_graph
 
-        def step() -> dict[str, float]:
-            ms = {"compute": runner.time_compute(1, 0, cuda_graph=cuda_graph)[0]}
+        def step(n: int) -> dict[str, list[float]]:
+            # CUDA events on the runner's stream; one capture per call when timing a CUDA graph
+            ms = {"compute": runner.time_compute(n, 0, cuda_graph=cuda_graph)}
             if e2e:
-                t0 = time.perf_counter()
-                xs = seg.preprocess(frames)[0]
-                pre = (time.perf_counter() - t0) * 1e3
-                parts = runner.time_end_to_end(xs, 1, 0)
-                out = runner.infer(xs)
-                t0 = time.perf_counter()
-                seg.postprocess(out, [f.shape[:2] for f in frames])
-                post = (time.perf_counter() - t0) * 1e3
-                ms.update(preprocess=pre, h2d=parts["h2d"][0], d2h=parts["d2h"][0], postprocess=post,
-                          end_to_end=pre + parts["total"][0] + post)
+                copies = runner.time_end_to_end(x, n, 0)
+                ms.update(h2d=copies["h2d"], d2h=copies["d2h"], **host_e2e(n))
             return ms
     else:
-        def step() -> dict[str, float]:
-            t0 = time.perf_counter()
-            backend.run(x)
-            backend.sync()
-            ms = {"compute": (time.perf_counter() - t0) * 1e3}
-            if e2e:
-                t0 = time.perf_counter()
-                xs = seg.preprocess(frames)[0]
-                t1 = time.perf_counter()
-                out = backend.run(xs)
-                backend.sync()
-                t2 = time.perf_counter()
-                seg.postprocess(out, [f.shape[:2] for f in frames])
-                t3 = time.perf_counter()
-                ms.update(preprocess=(t1 - t0) * 1e3, postprocess=(t3 - t2) * 1e3, end_to_end=(t3 - t0) * 1e3)
-            return ms
+        def step(n: int) -> dict[str, list[float]]:
+            return {"compute": host_compute(n), **(host_e2e(n) if e2e else {})}
     t.step = step
 
 
@@ -166,15 +172,19 @@ def run_interleaved(targets: Sequence[Target], warmup: tuple[str, float], amount
 
 
 def _repeat(t: Target, amount: tuple[str, float], keep: bool) -> None:
+    """`amount` calls of the target (one step), or calls one at a time until `amount` seconds have passed."""
     assert t.step is not None
     unit, value = amount
-    start, n = time.perf_counter(), 0
-    while (n < value) if unit == "count" else (time.perf_counter() - start < value or n == 0 and keep):
-        ms = t.step()
-        n += 1
-        if keep:
+    if unit == "count":
+        results = [t.step(int(value))] if value >= 1 else []
+    else:
+        results, start = [], time.perf_counter()
+        while time.perf_counter() - start < value or (keep and not results):
+            results.append(t.step(1))
+    if keep:
+        for ms in results:
             for k, v in ms.items():
-                t.samples.setdefault(k, []).append(v)
+                t.samples.setdefault(k, []).extend(v)
 
 
 def machine() -> dict:

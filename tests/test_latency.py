@@ -50,7 +50,7 @@ def test_interleaving_alternates_and_shares_the_iterations():
 
     def target(name):
         t = Target(name, "onnx", Path(name), {})
-        t.step = lambda: calls.append(name) or {"compute": 1.0}
+        t.step = lambda n: calls.extend([name] * n) or {"compute": [1.0] * n}
         return t
 
     ts = [target("a"), target("b"), target("c")]

@@ -1,0 +1,230 @@
+"""trt/runtime.py: the engine sidecar, its compatibility and shape checks, dtypes and pinned views (plain Python), the
+runner's refusal where TensorRT is missing, and a real engine end to end where TensorRT and a GPU are present."""
+
+import ctypes
+import enum
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ExportError, InputError
+from pipeline.io import write_json
+from tests.test_trt_build import graph, save
+from trt.build import Tensor, build_engine, sidecar_path, tensorrt_unavailable
+from trt.runtime import (
+    TrtRunner,
+    _check,
+    check_shape,
+    load_sidecar,
+    numpy_dtype,
+    pinned_array,
+    sidecar_mismatch,
+)
+
+TRT, GPU, CC = "10.13.0.35", "NVIDIA GeForce RTX 4090", "8.9"
+PROFILE = {"min": [1, 3, 256, 512], "opt": [2, 3, 512, 1024], "max": [4, 3, 1024, 2048]}
+
+
+def sidecar(name: str = "student.int8.plan", dynamic: bool = True, **build) -> dict:
+    """What trt/build.py's build_engine writes beside a plan (same keys, same nesting), as read back from JSON."""
+    image = Tensor("image", "float32", ("batch", 3, "height", "width") if dynamic else (1, 3, 512, 1024))
+    logits = Tensor("logits", "float32", ("batch", 19, "height/4", "width/4") if dynamic else (1, 19, 128, 256))
+    return json.loads(json.dumps({
+        "file": name, "precision": "int8", "tensorrt": TRT, "gpu": {"name": GPU, "compute_capability": CC},
+        "inputs": [{**asdict(image), **({"profile": PROFILE} if dynamic else {})}], "outputs": [asdict(logits)],
+        "source": {"file": name.replace(".plan", ".onnx"), "sha256": "0" * 64, "opset": 17},
+        "build": {"strongly_typed": True, "workspace_gib": 4.0, "opt_level": 3, "hardware_compat": "none",
+                  "version_compatible": False, "exclude_lean_runtime": False, "timing_cache": None, "seconds": 41.2,
+                  **build},
+        "metadata": {"classes": '["road", "car"]'}, "sha256": "1" * 64, "bytes": 16,
+    }))
+
+
+def plan_files(tmp_path: Path, side: dict | None = None) -> Path:
+    """A plan-like file (TensorRT is never asked to read it in these tests) and its sidecar."""
+    plan = tmp_path / "student.int8.plan"
+    plan.write_bytes(b"not a real engine")
+    write_json(sidecar_path(plan), side or sidecar())
+    return plan
+
+
+def one_line(excinfo: pytest.ExceptionInfo, *parts: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and all(p in message for p in parts), message
+    return message
+
+
+def test_load_sidecar(tmp_path):
+    assert load_sidecar(plan_files(tmp_path)) == sidecar()
+
+
+def test_load_sidecar_refuses_missing_and_broken_files(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_sidecar(tmp_path / "missing.plan")
+    one_line(e, "missing.plan", "no such TensorRT engine file")
+    plan = plan_files(tmp_path)
+    side = sidecar_path(plan)
+    side.unlink()
+    with pytest.raises(InputError) as e:
+        load_sidecar(plan)
+    one_line(e, str(side), "missing", "trt/build.py")
+    for text, expected in (('{"file": "student.int8.plan", "tensorrt": ', "unreadable engine sidecar"),
+                           ("\xff\xfe", "unreadable engine sidecar"),
+                           ('["a list"]', "missing file, tensorrt, gpu"),
+                           ('{"file": "x", "tensorrt": "10.3", "gpu": {}, "inputs": [], "outputs": [], "build": {}}',
+                            "missing inputs[0]")):
+        side.write_bytes(text.encode("latin-1"))
+        with pytest.raises(InputError) as e:
+            load_sidecar(plan)
+        one_line(e, str(side), expected)
+
+
+def test_sidecar_mismatch_tensorrt_version():
+    assert sidecar_mismatch(sidecar(), TRT, GPU, CC) is None
+    message = sidecar_mismatch(sidecar(), "10.14.1.48", GPU, CC)
+    assert message == f"the engine was built with TensorRT {TRT} (here 10.14.1.48)"
+    assert TRT in sidecar_mismatch(sidecar(), "10.13.0.34", GPU, CC)
+    compatible = sidecar(version_compatible=True)
+    assert sidecar_mismatch(compatible, TRT, GPU, CC) is None
+    assert sidecar_mismatch(compatible, "10.14.1.48", GPU, CC) is None  # later 10.x
+    for here in ("10.12.0.36", "11.0.0.1"):  # older, or the next major
+        message = sidecar_mismatch(compatible, here, GPU, CC)
+        assert message and TRT in message and f"(here {here})" in message and "later 10.x" in message
+
+
+def test_sidecar_mismatch_gpu():
+    message = sidecar_mismatch(sidecar(), TRT, "NVIDIA A100-SXM4-80GB", "8.0")
+    assert message == f"the engine was built for GPU {GPU} ({CC}) (here NVIDIA A100-SXM4-80GB, 8.0)"
+    assert sidecar_mismatch(sidecar(), TRT, "NVIDIA GeForce RTX 4080", CC)  # same compute capability, other model
+    ampere = sidecar(hardware_compat="ampere+")
+    assert sidecar_mismatch(ampere, TRT, "NVIDIA H100 80GB HBM3", "9.0") is None
+    assert sidecar_mismatch(ampere, TRT, "NVIDIA A10", "8.6") is None
+    message = sidecar_mismatch(ampere, TRT, "Tesla T4", "7.5")
+    assert message and "Ampere or newer" in message and "Tesla T4, 7.5" in message
+    same = sidecar(hardware_compat="same")
+    assert sidecar_mismatch(same, TRT, "NVIDIA GeForce RTX 4080", CC) is None
+    message = sidecar_mismatch(same, TRT, "NVIDIA GeForce RTX 3090", "8.6")
+    assert message and f"compute capability {CC}" in message and "RTX 3090, 8.6" in message
+    both = sidecar_mismatch(sidecar(), "10.3.0", "Tesla T4", "7.5")
+    assert both and "TensorRT" in both and "Tesla T4" in both and "; " in both and "\n" not in both
+
+
+def test_check_shape_static():
+    static = sidecar(dynamic=False)
+    check_shape(static, (1, 3, 512, 1024))
+    check_shape(static, np.array([1, 3, 512, 1024]))
+    with pytest.raises(InputError) as e:
+        check_shape(static, (2, 3, 512, 1024))
+    one_line(e, "student.int8.plan", "'image'", "2x3x512x1024", "static, 1x3x512x1024")
+    with pytest.raises(InputError) as e:
+        check_shape(static, (3, 512, 1024))
+    one_line(e, "3x512x1024", "expected 4 dims")
+
+
+def test_check_shape_profile():
+    dynamic = sidecar()
+    for shape in ((1, 3, 256, 512), (3, 3, 600, 700), (4, 3, 1024, 2048)):
+        check_shape(dynamic, shape)
+    cases = [((8, 3, 512, 1024), "batch 8 is outside the engine's profile 1..4"),
+             ((1, 3, 128, 1024), "height 128 is outside the engine's profile 256..1024"),
+             ((1, 3, 512, 4096), "width 4096 is outside the engine's profile 512..2048"),
+             ((1, 4, 512, 1024), "dim 1 4 is outside the engine's profile 3..3")]
+    for shape, expected in cases:
+        with pytest.raises(InputError) as e:
+            check_shape(dynamic, shape)
+        one_line(e, "student.int8.plan", "x".join(map(str, shape)), expected, "min 1x3x256x512, max 4x3x1024x2048")
+
+
+def test_numpy_dtype():
+    assert numpy_dtype("FLOAT") == np.float32 and numpy_dtype("HALF") == np.float16
+    assert [numpy_dtype(t) for t in ("INT8", "UINT8", "INT32", "INT64", "BOOL")] == \
+        [np.int8, np.uint8, np.int32, np.int64, np.bool_]
+    with pytest.raises(ExportError, match="student.plan 'image': TensorRT type BF16 has no numpy equivalent"):
+        numpy_dtype("BF16", "student.plan 'image'")
+
+
+def test_pinned_array_is_a_view():
+    memory = (ctypes.c_float * 6)(*range(6))
+    view = pinned_array(ctypes.addressof(memory), np.dtype(np.float32), (2, 3))
+    assert view.shape == (2, 3) and view.tolist() == [[0, 1, 2], [3, 4, 5]]
+    view[1, 2] = 42
+    assert memory[5] == 42  # writes land in the memory itself: the H2D copy reads what infer() put there
+
+
+def test_check_cuda_results():
+    class cudaError_t(enum.IntEnum):  # the shape of cuda-python's error enum
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+
+    assert _check("cudaMalloc", (cudaError_t.cudaSuccess, 1234)) == 1234
+    assert _check("cudaFree", (cudaError_t.cudaSuccess,)) is None
+    assert _check("cudaStreamGetPriority", (cudaError_t.cudaSuccess, 1, 2)) == (1, 2)
+    with pytest.raises(ExportError, match=r"^cudaMalloc failed: cudaErrorMemoryAllocation \(error 2\)$"):
+        _check("cudaMalloc", (cudaError_t.cudaErrorMemoryAllocation, 0))
+
+
+def _no_tensorrt() -> str:
+    reason = tensorrt_unavailable()
+    if reason is None:
+        pytest.skip("TensorRT and a CUDA GPU are usable here")
+    return reason
+
+
+def test_runner_without_tensorrt(tmp_path):
+    reason = _no_tensorrt()
+    plan = plan_files(tmp_path)
+    with pytest.raises(ExportError, match=re.escape(f"{plan}: cannot run the engine: {reason}")) as e:
+        TrtRunner(plan)
+    one_line(e)
+    sidecar_path(plan).unlink()  # the sidecar is read first: a missing one is the user's input, on any machine
+    with pytest.raises(InputError, match="missing"):
+        TrtRunner(plan)
+
+
+# ------------------------------------------------------------------------------------ where TensorRT and a GPU are
+@pytest.fixture
+def engine(tmp_path) -> Path:
+    if tensorrt_unavailable():
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {tensorrt_unavailable()}")
+    pytest.importorskip("cuda.bindings", reason="needs cuda-python (requirements-gpu.txt)")
+    onnx_path = save(graph("fp32", shape=("batch", 3, 8, 8)), tmp_path / "tiny.onnx")  # y = relu(x * 0.5)
+    build_engine(onnx_path, tmp_path / "tiny.plan", min_shapes={"image": (1, 3, 8, 8)},
+                 opt_shapes={"image": (2, 3, 8, 8)}, max_shapes={"image": (4, 3, 8, 8)}, workspace_gib=0.5)
+    return tmp_path / "tiny.plan"
+
+
+def test_runner_end_to_end(engine):
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with TrtRunner(engine) as runner:
+        assert (runner.input_name, runner.output_name, runner.input_shape) == ("image", "y", (2, 3, 8, 8))
+        assert runner.input_dtype == runner.output_dtype == np.float32
+        y = runner.infer(x)
+        np.testing.assert_allclose(y, np.maximum(x * 0.5, 0), rtol=1e-6)
+        assert runner.input_shape == (3, 3, 8, 8) and runner.infer(x[:1]).shape == (1, 3, 8, 8)
+        np.testing.assert_allclose(y, np.maximum(x * 0.5, 0), rtol=1e-6)  # a copy: the next call left it alone
+        with pytest.raises(InputError, match="batch 5 is outside the engine's profile 1..4"):
+            runner.set_input_shape((5, 3, 8, 8))
+        with pytest.raises(InputError, match="takes float32, got float64"):
+            runner.infer(x.astype(np.float64))
+        for graph_mode in (False, True):
+            times = runner.time_compute(5, 2, cuda_graph=graph_mode)
+            assert len(times) == 5 and all(t > 0 for t in times)
+        e2e = runner.time_end_to_end(x, 4, 1)
+        assert list(e2e) == ["h2d", "compute", "d2h", "total"] and all(len(v) == 4 for v in e2e.values())
+        assert all(t >= h for t, h in zip(e2e["total"], e2e["h2d"]))
+        torch = pytest.importorskip("torch")
+        out = runner.infer_torch(torch.from_numpy(x).cuda())
+        torch.cuda.synchronize()
+        np.testing.assert_allclose(out.cpu().numpy(), np.maximum(x * 0.5, 0), rtol=1e-6)
+    runner.close()  # twice is fine
+
+
+def test_runner_refuses_other_tensorrt(engine):
+    side = load_sidecar(engine)
+    write_json(sidecar_path(engine), {**side, "tensorrt": "9.0.0"})
+    with pytest.raises(InputError, match=r"built with TensorRT 9\.0\.0 \(here .*\); rebuild it here"):
+        TrtRunner(engine)
