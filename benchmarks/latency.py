@@ -100,7 +100,7 @@ def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tup
             raise InputError(f"{t.path}: the engine takes a range of sizes: give --size HxW")
         check_shape(side, (batch, *hw, 3) if nhwc else (batch, 3, *hw))
     seg = Segmenter.open(t.path, device=o.get("device", "auto"), provider=o.get("provider", "auto"), threads=threads,
-                         dtype=o.get("dtype", "fp32"), mode=o.get("mode", "eager"), fold_head=o.get("fold_head", False),
+                         dtype=o.get("dtype", "fp32"), mode=o.get("mode", "eager"), deploy=o.get("deploy", False),
                          size=size)
     c = seg.contract
     if c.batch is not None and c.batch != batch:
@@ -110,7 +110,8 @@ def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tup
         raise InputError(f"{t.path}: the network takes any size: give --size HxW")
     frames = _frames(batch, frame_size or net)
     x = seg.preprocess(frames)[0].copy()
-    t.info = {**seg.describe(), "batch": batch, "size": f"{net[0]}x{net[1]}",
+    t.info = {**seg.describe(), **({"deploy_copy": o.get("deploy", False)} if t.kind == "checkpoint" else {}),
+              "batch": batch, "size": f"{net[0]}x{net[1]}",
               "frame_size": f"{(frame_size or net)[0]}x{(frame_size or net)[1]}"}
     backend = seg.backend
 
@@ -261,7 +262,7 @@ def build_targets(args) -> list[Target]:
         tags = [x for x, many in ((dt, len(args.dtype) > 1), (mode, len(args.mode) > 1)) if many]
         label = Path(p).name + (f" [{', '.join(tags)}]" if tags else "")
         targets.append(Target(label, "checkpoint", Path(p), {"device": args.device, "dtype": dt, "mode": mode,
-                                                                "fold_head": args.fold_head}))
+                                                                "deploy": args.deploy_copy}))
     if not targets:
         raise InputError("nothing to time: give --engine, --onnx and/or --checkpoint")
     return targets
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"], help="PyTorch (autocast)")
     ap.add_argument("--mode", nargs="+", default=["eager"], choices=["eager", "compile", "cudagraph"],
                     help="PyTorch: eager, torch.compile, or a captured CUDA graph")
-    ap.add_argument("--fold-head", action="store_true", help="PyTorch: run the folded decode head the export uses")
+    ap.add_argument("--deploy-copy", action="store_true",
+                    help="PyTorch: run the reparameterised copy the export traces (folded head, conv Mix-FFN)")
     ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: launch the engine as a CUDA graph")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", help="network HxW (default: the artifact's static size; required for PyTorch)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +36,6 @@ class Contract:
     palette: list[tuple[int, int, int]]
     precision: str = "fp32"
     variant: str = ""
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], shape: Sequence[int | str], precision: str, source: Path) -> Contract:
@@ -212,12 +211,12 @@ class Segmenter:
     # ------------------------------------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", provider: str = "auto", threads: int = 0,
-             dtype: str = "fp32", mode: str = "eager", fold_head: bool = False,
+             dtype: str = "fp32", mode: str = "eager", deploy: bool = False,
              size: tuple[int, int] | None = None) -> Segmenter:
         """Picks the backend from the file: `.plan`/`.engine` TensorRT, `.onnx` ONNX Runtime (`provider`), anything
         else `load_model` reads (our safetensors, Hugging Face, NVlabs, mmseg) PyTorch on `device` in `dtype`
-        (autocast), `mode` eager, compile (torch.compile) or cudagraph; `fold_head` runs the folded decode head
-        the export uses (off: the model as trained).
+        (autocast), `mode` eager, compile (torch.compile) or cudagraph; `deploy` runs the reparameterised copy the
+        export traces (`deploy_copy`: folded decode head, Mix-FFN as convs; off: the model as trained).
         `size` fixes the network resolution where the artifact does not (PyTorch, dynamic ONNX)."""
         path = Path(path)
         if not path.exists():
@@ -236,7 +235,7 @@ class Segmenter:
         from pipeline.models import deploy_copy, load_model
 
         model = load_model(path)
-        if fold_head:
+        if deploy:
             model = deploy_copy(model)
         meta = model.meta
         contract = Contract("float", "logits", None, None, tuple(meta.mean), tuple(meta.std), list(meta.classes),

@@ -55,6 +55,9 @@ def test_torch_segmenter_scores_what_the_evaluator_scores(art):
     assert ours == pytest.approx(ref, abs=2e-3)
     ids = seg.predict(bgr_frames(art["val"], 1)[0])
     assert ids.shape == (96, 192) and ids.dtype == np.uint8 and len(np.unique(ids)) > 1  # at the frame's size
+    # the reparameterised copy the export traces predicts the same classes
+    deployed = Segmenter.open(art["ckpt"], size=SIZE, deploy=True).predict(bgr_frames(art["val"], 1)[0])
+    assert (deployed == ids).mean() >= 0.999
 
 
 @pytest.mark.parametrize("kind", ["float", "uint8", "dynamic"])
