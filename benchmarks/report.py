@@ -133,8 +133,9 @@ def markdown(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "Not timed:", *(f"- {k}: {v}" for k, v in report["skipped"].items())]
     lines += ["", "GMACs: every multiply-accumulate at this size (benchmarks/flops.py `full`; report.json also has "
-              "the paper's convention for the checkpoints); the ONNX and engine rows count the exported graph, whose "
-              "decode head is folded.", "", "![mIoU against latency](report.png)", ""]
+              "the paper's convention for the checkpoints); the ONNX and engine rows count the exported graph, traced "
+              "from the reparameterised deploy copy (decode head folded).", "",
+              "![mIoU against latency](report.png)", ""]
     return "\n".join(lines)
 
 

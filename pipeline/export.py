@@ -60,8 +60,9 @@ class DeployModel(nn.Module):
 
     def __init__(self, model: SegFormer, spec: ExportSpec, with_logits: bool = False, fold: bool = True) -> None:
         super().__init__()
-        # the exported head is folded (FoldedHead: the same logits to float rounding, 2.7x fewer MACs for B0);
-        # the PyTorch reference of the parity check is not, so parity also checks the folding
+        # the graph is traced from the reparameterised deploy copy (decode head folded, Mix-FFN as convs: the same
+        # logits to float rounding, 2.7x fewer MACs for B0); the parity check's PyTorch reference is the model as
+        # trained (fold=False), so parity also checks the reparameterisation
         self.model = deploy_copy(model) if fold else model.eval()
         self.spec, self.with_logits = spec, with_logits
         mean, std = torch.tensor(model.meta.mean), torch.tensor(model.meta.std)
