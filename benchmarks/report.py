@@ -56,7 +56,7 @@ def bench_run(cfg, run_dir: Path, val) -> dict:
     b = cfg.bench
     export_size = tuple(cfg.export.size) if tuple(cfg.export.size) != (0, 0) else tuple(cfg.data.size)
     size = tuple(b.size) if tuple(b.size) != (0, 0) else export_size
-    eval_size = tuple(cfg.data.size)  # PyTorch checkpoints are scored at the resolution they were evaluated at
+    eval_size = tuple(cfg.data.size)
     if not any((run_dir / n).is_file() for n in CHECKPOINTS + ONNX + ENGINES):
         raise InputError(f"{run_dir}: no teacher.safetensors, student.safetensors, student*.onnx or *.plan to bench; "
                          "run distill and export first")
@@ -67,13 +67,10 @@ def bench_run(cfg, run_dir: Path, val) -> dict:
         targets = []
         for t in _targets(run_dir, device):
             try:
-                prepare(t, b.batch, size if t.kind == "checkpoint" else None, None, False, b.threads, False)
+                prepare(t, b.batch, size, None, False, b.threads, False)
             except PipelineError as e:  # e.g. a static graph at another size, an engine for another GPU
                 skipped[f"{t.label} ({device})"] = str(e)
                 log.warning("bench: %s on %s skipped: %s", t.label, device, e)
-                continue
-            if t.info["size"] != f"{size[0]}x{size[1]}":
-                skipped[f"{t.label} ({device})"] = f"fixed at {t.info['size']}, benched at {size[0]}x{size[1]}"
                 continue
             targets.append(t)
         log.info("bench: timing %d artifact(s) on %s at %dx%d, batch %d, interleaved", len(targets), device,
@@ -89,7 +86,8 @@ def bench_run(cfg, run_dir: Path, val) -> dict:
         if not (run_dir / name).is_file() or not any(r["label"] == name for r in rows):
             continue
         log.info("bench: scoring %s on %d %s frames", name, frames, val.split)
-        seg = Segmenter.open(run_dir / name, device=devices[-1], size=eval_size if name in CHECKPOINTS else None)
+        seg = Segmenter.open(run_dir / name, device=devices[-1])
+        seg.size = seg.size or eval_size  # PyTorch and dynamic graphs: the resolution the run evaluates at
         res = score(seg, val, b.eval_frames, progress=True)
         miou[name] = {"miou": res.miou, "pixel_accuracy": res.pixel_acc}
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import ExportError, InputError
 from pipeline.io import write_json
-from tests.test_trt_build import graph, save
+from tests.test_trt_build import _no_tensorrt, graph, save
 from trt.build import Tensor, build_engine, sidecar_path, tensorrt_unavailable
 from trt.runtime import (
     TrtRunner,
@@ -165,13 +165,6 @@ def test_check_cuda_results():
     assert _check("cudaStreamGetPriority", (cudaError_t.cudaSuccess, 1, 2)) == (1, 2)
     with pytest.raises(ExportError, match=r"^cudaMalloc failed: cudaErrorMemoryAllocation \(error 2\)$"):
         _check("cudaMalloc", (cudaError_t.cudaErrorMemoryAllocation, 0))
-
-
-def _no_tensorrt() -> str:
-    reason = tensorrt_unavailable()
-    if reason is None:
-        pytest.skip("TensorRT and a CUDA GPU are usable here")
-    return reason
 
 
 def test_runner_without_tensorrt(tmp_path):
