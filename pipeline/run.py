@@ -25,6 +25,8 @@ STAGES = {
               "TensorRT plans where TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)",
     "trt-build": "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is missing)",
     "bench": "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, report.png",
+    "segment-bag": "segment --topic of a ROS 1 / ROS 2 bag (--bag) with --artifact into a new bag (--out) holding "
+                   "the original messages plus mask and overlay topics; --video adds an mp4 of the overlays",
 }
 TRAINING_STAGES = ("teacher", "distill")
 log = logging.getLogger("pipeline")
@@ -73,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--write-cityscapes", metavar="DIR", help="eval: also write Cityscapes-format predictions")
     ap.add_argument("--quarter-res", action="store_true",
                     help="eval: score at 1/4 resolution like the TransKD reference (comparison only)")
+    ap.add_argument("--bag", help="segment-bag: the input, a ROS 1 .bag file or a ROS 2 bag directory (sqlite3 or "
+                    "MCAP)")
+    ap.add_argument("--topic", help="segment-bag: the camera topic (sensor_msgs/Image or CompressedImage)")
+    ap.add_argument("--artifact", help="segment-bag: engine, ONNX or checkpoint (default: the run's student.onnx)")
+    ap.add_argument("--out", help="segment-bag: the output bag (default: <run dir>/<input name>.segmented[.bag])")
+    ap.add_argument("--video", metavar="MP4", help="segment-bag: also write the overlays as an mp4 video")
+    ap.add_argument("--fps", type=float, default=0.0, help="segment-bag: video frame rate (default: the topic's)")
+    ap.add_argument("--no-overlay", action="store_true", help="segment-bag: write the mask topic only")
+    ap.add_argument("--mask-topic", default="/segmentation/mask", help="segment-bag: topic of the mono8 class ids")
+    ap.add_argument("--overlay-topic", default="/segmentation/overlay", help="segment-bag: topic of the rgb8 overlay")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return ap
 

@@ -212,6 +212,31 @@ def run_bench(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {"rows": len(report["results"])}
 
 
+def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """Segment a recorded drive (pipeline/bag.py) with any artifact the Segmenter opens."""
+    if not env.main:
+        return {}
+    from pipeline.bag import segment_bag
+    from pipeline.infer import Segmenter
+
+    if not getattr(args, "bag", None) or not getattr(args, "topic", None):
+        raise InputError("segment-bag: give --bag IN and --topic /camera/... (and --artifact, --out)")
+    bag = Path(args.bag)
+    artifact = Path(args.artifact or run_dir / "student.onnx")
+    if not artifact.exists():
+        raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
+    out = Path(args.out or run_dir / (bag.name.removesuffix(".bag") + ".segmented" + (".bag" if bag.suffix == ".bag"
+                                                                                        else "")))
+    seg = Segmenter.open(artifact)
+    seg.size = seg.size or tuple(cfg.data.size)  # PyTorch and dynamic graphs: the resolution the run evaluates at
+    summary = segment_bag(bag, args.topic, seg, out, Path(args.video) if args.video else None,
+                          overlay=not args.no_overlay, mask_topic=args.mask_topic, overlay_topic=args.overlay_topic,
+                          fps=args.fps, progress=env.main)
+    log.info("segment-bag: %d frames segmented, %d refused, %d messages copied, %.1f frames/s -> %s",
+             summary["frames"], summary["refused"], summary["copied"], summary["frames_per_second"], summary["out"])
+    return summary
+
+
 def _skipped(run_dir: Path) -> int:
     f = run_dir / "skipped_samples.txt"
     return len(set(f.read_text().splitlines())) if f.is_file() else 0
@@ -239,6 +264,11 @@ def print_outputs(run_dir: Path, results: dict) -> None:
                 if isinstance(file, str) and file.endswith(".plan"):
                     rows.append((file, "TensorRT engine (+ .json sidecar)"))
             rows.append(("export.md", "parity and mIoU of every artifact (export.json: all details)"))
+        if name == "segment-bag" and res:
+            rows.append((res["out"], f"{res['frames']} frames segmented ({res['refused']} refused), "
+                                     f"{res['frames_per_second']:.1f} frames/s"))
+            if res.get("video"):
+                rows.append((res["video"], "overlay video"))
         if name == "bench" and res:
             rows.append(("report.md", f"params, GMACs, latency and mIoU of {res['rows']} artifact/device pairs "
                                       "(report.json, report.png: mIoU against latency)"))

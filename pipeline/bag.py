@@ -1,0 +1,190 @@
+"""Offline drives: segment the camera topic of a recorded ROS 1 or ROS 2 bag (sqlite3 or MCAP) with any artifact.
+
+`python -m pipeline.run segment-bag --bag IN --topic /camera/image_raw --artifact student.int8.plan --out OUT`
+writes a new bag of the same kind with every original message plus a mono8 class-id mask and an rgb8 overlay per
+frame under the frame's own timestamp and header, and optionally an mp4 of the overlays.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import rosmsg
+from pipeline.errors import InputError
+
+log = logging.getLogger("pipeline")
+IMAGE_TYPES = (rosmsg.IMAGE, rosmsg.COMPRESSED_IMAGE)
+
+
+def _open_reader(bag: Path):
+    from rosbags.highlevel import AnyReader
+
+    if not bag.exists():
+        raise InputError(f"{bag}: no such bag (a ROS 1 .bag file or a ROS 2 bag directory)")
+    try:
+        reader = AnyReader([bag])
+        reader.open()
+    except Exception as e:  # rosbags raises its own reader errors for truncated, unindexed or foreign files
+        first = (str(e) or type(e).__name__).strip().splitlines()[0]
+        raise InputError(f"{bag}: not a readable ROS 1 or ROS 2 bag ({first}); a bag still being recorded or cut "
+                         "short needs `rosbag reindex` (ROS 1) or `ros2 bag reindex` (ROS 2) first") from None
+    return reader
+
+
+def _storage(bag: Path):
+    """The ROS 2 storage plugin the input uses, so the output is written the same way."""
+    from rosbags.rosbag2 import StoragePlugin
+
+    meta = bag / "metadata.yaml"
+    text = meta.read_text() if meta.is_file() else ""
+    return StoragePlugin.MCAP if "storage_identifier: mcap" in text else StoragePlugin.SQLITE3
+
+
+def _writer(reader, bag: Path, tmp: Path):
+    if reader.is2:
+        from rosbags.rosbag2 import Writer as Writer2
+
+        return Writer2(tmp, version=9, storage_plugin=_storage(bag))
+    from rosbags.rosbag1 import Writer as Writer1
+
+    return Writer1(tmp)
+
+
+def _add_connection(writer, reader, conn, topic: str | None = None, msgtype: str | None = None):
+    """A connection of the output bag: a copy of `conn` (same type, QoS or latching), or a new `topic`."""
+    kwargs: dict = {"typestore": reader.typestore}
+    if conn is not None:
+        ext = conn.ext
+        if reader.is2:
+            kwargs.update(serialization_format=ext.serialization_format, offered_qos_profiles=ext.offered_qos_profiles)
+        else:
+            kwargs.update(callerid=ext.callerid, latching=ext.latching)
+    return writer.add_connection(topic or conn.topic, msgtype or conn.msgtype, **kwargs)
+
+
+def segment_bag(bag: Path, topic: str, seg, out: Path, video: Path | None = None, overlay: bool = True,
+                mask_topic: str = "/segmentation/mask", overlay_topic: str = "/segmentation/overlay",
+                fps: float = 0.0, progress: bool = True) -> dict:
+    """Segment `topic` of `bag` into a new bag `out` (and `video`); returns the summary. Nothing is left at `out` or
+    `video` when it fails."""
+    bag, out = Path(bag), Path(out)
+    if out.exists():
+        raise InputError(f"{out}: already exists; choose another --out or remove it")
+    reader = _open_reader(bag)
+    try:
+        conns = [c for c in reader.connections if c.topic == topic]
+        if not conns:
+            images = sorted({c.topic for c in reader.connections if c.msgtype in IMAGE_TYPES})
+            raise InputError(f"{bag}: no topic {topic!r}; image topics in the bag: {', '.join(images) or 'none'}")
+        if conns[0].msgtype not in IMAGE_TYPES:
+            raise InputError(f"{bag}: topic {topic} carries {conns[0].msgtype}, not {' or '.join(IMAGE_TYPES)}")
+        taken = {c.topic for c in reader.connections} & {mask_topic, overlay_topic}
+        if taken:
+            raise InputError(f"{bag}: already has {', '.join(sorted(taken))}; choose other output topics")
+        return _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_topic, fps, progress)
+    finally:
+        reader.close()
+
+
+def _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_topic, fps, progress) -> dict:
+    for name in (rosmsg.IMAGE, "std_msgs/msg/Header"):
+        if name not in reader.typestore.types:  # a bag of CompressedImage only: add Image from a built-in store
+            from rosbags.typesys import Stores, get_typestore
+
+            store = get_typestore(Stores.ROS1_NOETIC if not reader.is2 else Stores.ROS2_HUMBLE)
+            reader.typestore.register({n: store.fielddefs[n] for n in (rosmsg.IMAGE, "std_msgs/msg/Header",
+                                                                        "builtin_interfaces/msg/Time")
+                                       if n in store.fielddefs and n not in reader.typestore.types})
+    image_cls = reader.typestore.types[rosmsg.IMAGE]
+    serialize = reader.typestore.serialize_cdr if reader.is2 else reader.typestore.serialize_ros1
+    tmp = out.with_name(f".{out.name}.partial")
+    vtmp = video.with_name(f".{video.stem}.partial{video.suffix}") if video else None
+    for p in (tmp, vtmp):
+        if p is not None and p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    stats = {"frames": 0, "refused": 0, "copied": 0, "refused_encodings": {}}
+    writer = _writer(reader, bag, tmp)
+    vw = None
+    start = time.perf_counter()
+    try:
+        writer.open()
+        copies = {c.id: _add_connection(writer, reader, c) for c in reader.connections}
+        mask_conn = _add_connection(writer, reader, None, mask_topic, rosmsg.IMAGE)
+        over_conn = _add_connection(writer, reader, None, overlay_topic, rosmsg.IMAGE) if overlay else None
+        ids_of_topic = {c.id for c in conns}
+        for conn, stamp, raw in tqdm(reader.messages(), total=reader.message_count, desc=bag.name,
+                                     disable=not progress, unit="msg"):
+            writer.write(copies[conn.id], stamp, raw)
+            stats["copied"] += 1
+            if conn.id not in ids_of_topic:
+                continue
+            msg = reader.deserialize(raw, conn.msgtype)
+            try:
+                bgr = rosmsg.to_bgr(msg)
+            except rosmsg.EncodingError as e:
+                key = getattr(msg, "encoding", None) or getattr(msg, "format", "?")
+                if key not in stats["refused_encodings"]:
+                    log.warning("segment-bag: %s at %d refused: %s", conn.topic, stamp, e)
+                stats["refused_encodings"][key] = stats["refused_encodings"].get(key, 0) + 1
+                stats["refused"] += 1
+                continue
+            ids = seg.predict(bgr)
+            writer.write(mask_conn, stamp, serialize(image_cls(**rosmsg.mask_fields(ids, msg.header)),
+                                                     rosmsg.IMAGE))
+            if over_conn is not None or vtmp is not None:
+                rgb = seg.colorize(ids, bgr)
+                if over_conn is not None:
+                    writer.write(over_conn, stamp, serialize(image_cls(**rosmsg.overlay_fields(rgb, msg.header)),
+                                                             rosmsg.IMAGE))
+                if vtmp is not None:
+                    vw = vw or _video_writer(vtmp, rgb.shape, fps or _bag_fps(reader, conns))
+                    vw.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+            stats["frames"] += 1
+        writer.close()
+        if vw is not None:
+            vw.release()
+            vtmp.replace(video)
+        tmp.replace(out)
+    except BaseException:
+        _close_quietly(writer)
+        if vw is not None:
+            vw.release()
+        for p in (tmp, vtmp):
+            if p is not None and p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
+    seconds = time.perf_counter() - start
+    stats.update(bag=str(bag), out=str(out), video=str(video) if video and stats["frames"] else None,
+                 topic=conns[0].topic, mask_topic=mask_topic, overlay_topic=overlay_topic if overlay else None,
+                 seconds=seconds, frames_per_second=stats["frames"] / seconds if seconds > 0 else 0.0,
+                 format="ros2" if reader.is2 else "ros1")
+    return stats
+
+
+def _close_quietly(writer) -> None:
+    try:
+        writer.close()
+    except Exception:  # closing a half-written bag may fail again; the file is removed anyway
+        pass
+
+
+def _bag_fps(reader, conns) -> float:
+    """The topic's mean rate over the bag, kept within 1..120 (MPEG-4 time bases allow no more)."""
+    count = sum(c.msgcount for c in conns)
+    seconds = (reader.end_time - reader.start_time) / 1e9
+    return min(max(count / seconds, 1.0), 120.0) if count > 1 and seconds > 0 else 10.0
+
+
+def _video_writer(path: Path, shape: tuple, fps: float):
+    h, w = shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not vw.isOpened():
+        raise InputError(f"{path}: OpenCV cannot open an mp4v video writer at {fps:g} frames/s here")
+    return vw
