@@ -1,0 +1,1 @@
+"""ROS 2 semantic segmentation node around pipeline.infer.Segmenter (processing: no rclpy; node: the wiring)."""
