@@ -1,17 +1,85 @@
-# CPU image of the pipeline as it stands: data, training, distillation, evaluation and the benchmarks.
-# The TensorRT (datacenter GPU) and Jetson images replace this once the export stage exists.
-FROM python:3.11.7-slim-bookworm
+# Datacenter-GPU image of the pipeline: distillation, export (ONNX, FP16, INT8 Q/DQ), TensorRT engines and the
+# bench report. One CUDA major throughout (13): the base image's CUDA and TensorRT, PyTorch's cu130 wheel,
+# onnxruntime-gpu and cuda-bindings 13.x. GPUs of compute capability 7.5 and newer (T4, A10, A100, L4, L40S,
+# H100, H200, B200); host driver R580 or newer (CUDA 13.0).
+#
+# Base: NGC TensorRT 25.10, pinned.
+#   CUDA 13.0.2 and compute capability >= 7.5: NVIDIA's release notes of the 25.10 NGC containers, e.g.
+#     https://docs.nvidia.com/deeplearning/triton-inference-server/release-notes/rel-25-10.html
+#   TensorRT 10.13.3 in tensorrt:25.10-py3, Python 3.12 (Ubuntu 24.04, like every 25.xx NGC image in
+#     https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/introduction/compatibility.html).
+#     The TensorRT number comes from users of the image, not from NVIDIA's 25.10 TensorRT notes, which the
+#     docs index here did not hold; the build prints the version it finds.
+# TensorRT's Python bindings are part of the base image: requirements-gpu.txt's `tensorrt` line is left out, so
+# pip never installs a second TensorRT next to the one the image was built and tested with.
+FROM nvcr.io/nvidia/tensorrt:25.10-py3
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/transkd-deploy
+
+# The project's packages go into a virtual environment that also sees the base image's site-packages (where
+# TensorRT lives): nothing of the base image is upgraded or removed, and pip (upgraded inside the venv) needs no
+# --break-system-packages.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv --system-site-packages --upgrade-deps /opt/venv
+# DL3008 (apt version pins): python3-venv must be the build that matches the base image's python3, which apt
+# picks from the image's own Ubuntu 24.04 sources; a pinned Debian revision breaks with the next security update.
+
 WORKDIR /opt/transkd-deploy
+COPY requirements.txt requirements-quant.txt requirements-gpu.txt ./
 
-# torch==2.13.0 from the default index is the CUDA build; the CPU wheel index keeps the image small
-COPY requirements.txt requirements-quant.txt ./
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+# PyTorch 2.13's CUDA builds are 12.6 and 13.0 (stable) and 13.2 (experimental) (pytorch/pytorch RELEASE.md);
+# cu130 is the one that matches the base image. torch comes from PyTorch's index alone, everything else from PyPI,
+# with torch held to the CUDA build by a constraint so nothing can swap it for PyPI's wheel.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu130
+RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+        "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
+ && echo "torch==${TORCH_VERSION}+${TORCH_CUDA}" > constraints.image.txt \
+ && sed -E '/^onnxruntime[<>=~!; ]/d' requirements.txt > requirements.image.txt \
+ && sed -E '/^tensorrt[<>=~!; ]/d' requirements-gpu.txt >> requirements.image.txt \
+ && pip install --no-cache-dir -c constraints.image.txt -r requirements.image.txt \
+        "onnxruntime-gpu>=1.27" "cuda-bindings>=13,<14" \
+ && rm constraints.image.txt requirements.image.txt \
+ && python -c "import importlib.metadata as md, importlib.util as iu; \
+torch = md.version('torch'); assert torch.endswith('+${TORCH_CUDA}'), torch; \
+assert iu.find_spec('tensorrt'), 'the base image has no TensorRT Python bindings'; \
+ort = iu.find_spec('onnxruntime').origin; assert ort.startswith('/opt/venv/'), ort; \
+trt = [d.version for d in md.distributions() if (d.metadata['Name'] or '').lower().startswith('tensorrt')]; \
+print('torch', torch, '| onnxruntime-gpu', md.version('onnxruntime-gpu'), '| cuda-bindings', \
+md.version('cuda-bindings'), '| tensorrt', trt or 'not pip-registered')"
+# requirements.txt's CPU onnxruntime is left out: onnxruntime-gpu ships the same `onnxruntime` module, and from
+# 1.27 on PyPI's onnxruntime-gpu is the CUDA 13 build (its `cuda` extra asks for nvidia-cuda-runtime 13.x).
+# cuda-bindings keeps the CUDA major of the driver and of TensorRT (requirements-gpu.txt).
 
 COPY pipeline/ pipeline/
 COPY benchmarks/ benchmarks/
 COPY trt/ trt/
 
-# the main job on the built-in synthetic data; mount a volume on /opt/transkd-deploy/runs to keep the results
-CMD ["python", "-m", "pipeline.run", "distill", "export"]
+# Non-root user; UID/GID 1000 by default so that a host's first user owns what lands in the mounted run folder
+# (docker build --build-arg APP_UID=$(id -u) --build-arg APP_GID=$(id -g) for another). Ubuntu 24.04 images
+# come with a user `ubuntu` on 1000, which gives way.
+ARG APP_UID=1000
+ARG APP_GID=1000
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+ && groupadd --gid "${APP_GID}" transkd \
+ && useradd --uid "${APP_UID}" --gid "${APP_GID}" --create-home --shell /bin/bash transkd \
+ && mkdir -p /work/runs /work/data \
+ && chown -R transkd:transkd /work
+USER ${APP_UID}:${APP_GID}
+WORKDIR /work
+
+# Mount the host's runs/ folder on /work/runs (and real datasets under /work/data). The default command exports
+# and benchmarks the run in /work/runs/default with that run's own config.yaml: ONNX, FP16 and INT8 Q/DQ ONNX,
+# the TensorRT plans (trt-build makes a missing GPU an error instead of a CPU-only report), then report.md.
+# Any other stages: docker run ... IMAGE python -m pipeline.run distill export bench
+CMD ["python", "-m", "pipeline.run", "export", "trt-build", "bench", \
+     "--run-dir", "/work/runs/default", "--config", "/work/runs/default/config.yaml"]

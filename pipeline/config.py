@@ -182,6 +182,8 @@ def _coerce(key: str, value, target_type, current):
         raise ConfigError(f"{key}={value!r}: expected a mapping like {{pea: 1.0}}")
     if value is None:
         return ""
+    if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans; a text key means the word
+        return "off" if value is False else "on"
     return str(value)
 
 
@@ -252,9 +254,12 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         if not sep or not key:
             raise ConfigError(f"{item!r}: expected key=value, e.g. train.steps=200")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads off/on/no/yes as booleans: `train.amp=off` means the word
+        out[key.strip()] = value
     return out
 
 

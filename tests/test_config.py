@@ -58,3 +58,14 @@ def test_shipped_dataset_configs_load():
     for path in shipped:
         cfg = config.load(path)
         assert cfg.data.dataset == path.stem and cfg.train.lr == 6e-5 and cfg.teacher.variant == "mit_b2"
+
+
+def test_off_is_a_word_on_the_command_line_and_in_yaml(tmp_path):
+    # YAML 1.1 reads `off` as false; for the keys whose choices include "off" it is the word
+    cfg = config.load(None, ["export.engines=off", "bench.cuda=off", "train.amp=off"])
+    assert (cfg.export.engines, cfg.bench.cuda, cfg.train.amp) == ("off", "off", "off")
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  amp: off\nexport:\n  engines: off\n")
+    cfg = config.load(str(f), [])
+    assert (cfg.train.amp, cfg.export.engines) == ("off", "off")
+    assert config.load(None, ["data.flip=false"]).data.flip is False  # booleans stay booleans
