@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline.config import parse_size  # noqa: E402  (re-exported for the other benchmark scripts)
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import VARIANTS, build_model, load_model  # noqa: E402
 from pipeline.models.mit import EfficientSelfAttention  # noqa: E402
@@ -161,14 +162,6 @@ def count(spec: str, size: tuple[int, int]) -> MacCount:
     return count_model(load_model(path), size)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise PipelineError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 512x1024") from None
-    if h < 32 or w < 32:
-        raise PipelineError(f"--size {text!r}: height and width must be >= 32")
-    return h, w
 
 
 def main(argv: list[str] | None = None) -> int:

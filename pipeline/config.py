@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 
 
 @dataclass
@@ -244,6 +244,17 @@ def validate(cfg: Config) -> None:
     for key in ("teacher.steps", "student.steps"):
         if keys(cfg)[key] < 0:
             raise ConfigError(f"{key}: expected an integer >= 0")
+
+
+def parse_size(text: str, what: str = "--size") -> tuple[int, int]:
+    """'512x1024' -> (512, 1024); `what` names the option or parameter in the one-line error."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected HEIGHTxWIDTH, e.g. 512x1024") from None
+    if h < 32 or w < 32:
+        raise InputError(f"{what} {text!r}: height and width must be >= 32")
+    return h, w
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:

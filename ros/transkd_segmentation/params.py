@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pipeline.config import parse_size as _parse_size
 from pipeline.errors import InputError
 from transkd_segmentation.processing import RESOLUTIONS
 
@@ -78,16 +79,8 @@ class NodeParams:
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
-    """'512x1024' -> (512, 1024); '' -> None."""
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"parameter network_size {text!r}: expected HxW, e.g. 512x1024") from None
-    if h < 1 or w < 1:
-        raise InputError(f"parameter network_size {text!r}: expected positive sizes")
-    return h, w
+    """'512x1024' -> (512, 1024); '' -> None (the artifact's own size)."""
+    return _parse_size(text, "parameter network_size") if text else None
 
 
 __all__ = ["NodeParams", "TRANSPORTS", "parse_size"]
