@@ -24,13 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.flops import parse_size  # noqa: E402
 from pipeline.errors import InputError, PipelineError  # noqa: E402
 from pipeline.evaluate import ConfusionMatrix, EvalResult  # noqa: E402
-
-
-def picks(n: int, frames: int) -> list[int]:
-    """`frames` indices spread evenly over a split of `n` (all of them for frames <= 0)."""
-    if frames <= 0 or frames >= n:
-        return list(range(n))
-    return [int(i) for i in np.linspace(0, n - 1, frames).round()]
+from pipeline.export import spread  # noqa: E402
 
 
 def score(seg, dataset, frames: int = 0, progress: bool = True) -> EvalResult:
@@ -41,7 +35,7 @@ def score(seg, dataset, frames: int = 0, progress: bool = True) -> EvalResult:
     if len(dataset) == 0:
         raise InputError(f"{dataset.root}: the {dataset.split} split is empty")
     cm = ConfusionMatrix(n_classes)
-    for i in tqdm(picks(len(dataset), frames), desc=seg.path.name, disable=not progress, leave=False):
+    for i in tqdm(spread(len(dataset), frames), desc=seg.path.name, disable=not progress, leave=False):
         rgb, label = dataset.read(i)
         ids = seg.predict(np.ascontiguousarray(rgb[:, :, ::-1]))
         cm.update(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
@@ -76,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(f"{path}: the network takes any size: give --size HxW (the size it was trained at)")
             res = score(seg, dataset, args.frames)
             rows.append({**seg.describe(), "miou": res.miou, "pixel_accuracy": res.pixel_acc,
-                         "frames": len(picks(len(dataset), args.frames)), "result": res.to_dict()})
+                         "frames": len(spread(len(dataset), args.frames)), "result": res.to_dict()})
             if args.per_class:
                 print(f"{path}:\n{res.table()}\n")
     except PipelineError as e:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from benchmarks.accuracy import picks, score
+from benchmarks.accuracy import score
 from benchmarks.flops import count_model, count_onnx
 from benchmarks.latency import Target, machine, prepare, results, run_interleaved
 from pipeline.errors import InputError, PipelineError
+from pipeline.export import spread
 from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger("pipeline")
@@ -81,13 +82,13 @@ def bench_run(cfg, run_dir: Path, val) -> dict:
     from pipeline.infer import Segmenter
 
     miou: dict[str, dict] = {}
-    frames = len(picks(len(val), b.eval_frames))
+    frames = len(spread(len(val), b.eval_frames))
     for name in CHECKPOINTS + ONNX + ENGINES:
         if not (run_dir / name).is_file() or not any(r["label"] == name for r in rows):
             continue
         log.info("bench: scoring %s on %d %s frames", name, frames, val.split)
-        seg = Segmenter.open(run_dir / name, device=devices[-1])
-        seg.size = seg.size or eval_size  # PyTorch and dynamic graphs: the resolution the run evaluates at
+        # PyTorch and dynamic graphs are scored at the resolution the run evaluates at
+        seg = Segmenter.open(run_dir / name, device=devices[-1], default_size=eval_size)
         res = score(seg, val, b.eval_frames, progress=True)
         miou[name] = {"miou": res.miou, "pixel_accuracy": res.pixel_acc}
 

@@ -92,14 +92,20 @@ def graph_input(rgb: np.ndarray, spec: ExportSpec, mean: Sequence[float], std: S
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+def spread(n: int, count: int) -> list[int]:
+    """`count` indices spread evenly over a split of `n` frames (all of them for count <= 0 or >= n)."""
+    if count <= 0 or count >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, count).round()]
+
+
 def frames(dataset, count: int, spec: ExportSpec, mean, std) -> list[tuple[np.ndarray, np.ndarray]]:
     """`count` (graph input, full-resolution label) pairs spread over the dataset (all of it for count <= 0)."""
     n = len(dataset)
     if n == 0:
         raise ExportError(f"{dataset}: no frames to check the export with")
-    picks = range(n) if count <= 0 or count >= n else np.linspace(0, n - 1, count).round().astype(int)
     out = []
-    for i in picks:
+    for i in spread(n, count):
         rgb, label = dataset.read(int(i))
         out.append((graph_input(rgb, spec, mean, std), label))
     return out

@@ -194,12 +194,14 @@ class TrtBackend:
 class Segmenter:
     """`Segmenter.open(path)`, then `predict(bgr)` -> class ids (uint8) at the frame's resolution."""
 
-    def __init__(self, backend: Backend, contract: Contract, path: Path, size: tuple[int, int] | None = None) -> None:
+    def __init__(self, backend: Backend, contract: Contract, path: Path, size: tuple[int, int] | None = None,
+                 default_size: tuple[int, int] | None = None) -> None:
         self.backend, self.contract, self.path = backend, contract, path
         if size is not None and contract.size is not None and tuple(size) != contract.size:
             raise InputError(f"{path}: size {size[0]}x{size[1]} asked, but the network is fixed at "
                              f"{contract.size[0]}x{contract.size[1]}")
-        self.size = contract.size or (tuple(size) if size else None)
+        wanted = size or default_size
+        self.size = contract.size or (tuple(wanted) if wanted else None)
         if len(contract.classes) > 256:
             raise InputError(f"{path}: {len(contract.classes)} classes do not fit the uint8 class-id map")
         self._lut = np.zeros((256, 3), np.uint8)
@@ -212,17 +214,18 @@ class Segmenter:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", provider: str = "auto", threads: int = 0,
              dtype: str = "fp32", mode: str = "eager", deploy: bool = False,
-             size: tuple[int, int] | None = None) -> Segmenter:
+             size: tuple[int, int] | None = None, default_size: tuple[int, int] | None = None) -> Segmenter:
         """Picks the backend from the file: `.plan`/`.engine` TensorRT, `.onnx` ONNX Runtime (`provider`), anything
         else `load_model` reads (our safetensors, Hugging Face, NVlabs, mmseg) PyTorch on `device` in `dtype`
         (autocast), `mode` eager, compile (torch.compile) or cudagraph; `deploy` runs the reparameterised copy the
         export traces (`deploy_copy`: folded decode head, Mix-FFN as convs; off: the model as trained).
-        `size` fixes the network resolution where the artifact does not (PyTorch, dynamic ONNX)."""
+        `size` fixes the network resolution where the artifact does not (PyTorch, dynamic ONNX) and must equal a
+        static graph's; `default_size` is used only where the artifact fixes none."""
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such artifact")
         if path.suffix in ENGINE_SUFFIXES:
-            return cls._open_engine(path, size)
+            return cls._open_engine(path, size, default_size)
         if path.suffix == ".onnx":
             from trt.build import inspect_onnx
 
@@ -231,7 +234,7 @@ class Segmenter:
                 raise InputError(f"{path}: expected one input and one output, found {len(info.inputs)} and "
                                  f"{len(info.outputs)}")
             contract = Contract.from_metadata(info.metadata, info.inputs[0].shape, info.precision, path)
-            return cls(OrtBackend(path, provider, threads), contract, path, size)
+            return cls(OrtBackend(path, provider, threads), contract, path, size, default_size)
         from pipeline.models import deploy_copy, load_model
 
         model = load_model(path)
@@ -240,10 +243,11 @@ class Segmenter:
         meta = model.meta
         contract = Contract("float", "logits", None, None, tuple(meta.mean), tuple(meta.std), list(meta.classes),
                             [tuple(c) for c in meta.palette], dtype, model.config.variant)
-        return cls(TorchBackend(model, device, dtype, mode), contract, path, size)
+        return cls(TorchBackend(model, device, dtype, mode), contract, path, size, default_size)
 
     @classmethod
-    def _open_engine(cls, path: Path, size: tuple[int, int] | None) -> Segmenter:
+    def _open_engine(cls, path: Path, size: tuple[int, int] | None,
+                     default_size: tuple[int, int] | None) -> Segmenter:
         from trt.runtime import load_sidecar
 
         side = load_sidecar(path)
@@ -253,7 +257,7 @@ class Segmenter:
         except (KeyError, ValueError, TypeError):
             raise InputError(f"{path}.json: expected one input with a shape in 'inputs'") from None
         contract = Contract.from_metadata(side.get("metadata", {}), shape, side.get("precision", "?"), path)
-        return cls(TrtBackend(path), contract, path, size)
+        return cls(TrtBackend(path), contract, path, size, default_size)
 
     # ------------------------------------------------------------------------------------------------ the path
     @property

@@ -227,8 +227,8 @@ def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict
         raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
     out = Path(args.out or run_dir / (bag.name.removesuffix(".bag") + ".segmented" + (".bag" if bag.suffix == ".bag"
                                                                                         else "")))
-    seg = Segmenter.open(artifact)
-    seg.size = seg.size or tuple(cfg.data.size)  # PyTorch and dynamic graphs: the resolution the run evaluates at
+    # PyTorch and dynamic graphs run at the resolution the run evaluates at
+    seg = Segmenter.open(artifact, default_size=tuple(cfg.data.size))
     summary = segment_bag(bag, args.topic, seg, out, Path(args.video) if args.video else None,
                           overlay=not args.no_overlay, mask_topic=args.mask_topic, overlay_topic=args.overlay_topic,
                           fps=args.fps, progress=env.main)

@@ -206,7 +206,7 @@ def timing_cache_path(cache_dir: str | os.PathLike, trt_version: str, gpu_name: 
     return Path(cache_dir) / f"timing-{version}-{slug}-sm{compute_capability.replace('.', '')}.cache"
 
 
-def _logger(errors: list[str]) -> tensorrt.ILogger:
+def trt_logger(errors: list[str]) -> tensorrt.ILogger:
     """TensorRT's messages into our log; errors also into `errors`, for the one-line message of a failed build."""
     import tensorrt as trt
 
@@ -257,7 +257,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike | No
     if hardware_compat == "ampere+" and int(gpu["compute_capability"].split(".")[0]) < 8:
         raise ExportError(f"{plan_path.name}: hardware_compat ampere+ needs an Ampere or newer GPU, not {gpu['name']}")
     errors: list[str] = []
-    logger = _logger(errors)
+    logger = trt_logger(errors)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)

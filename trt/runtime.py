@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ExportError, InputError
-from trt.build import _logger, fmt, sidecar_path, tensorrt_unavailable
+from trt.build import fmt, sidecar_path, tensorrt_unavailable, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt
@@ -164,7 +164,7 @@ class TrtRunner:
         if why:
             raise InputError(f"{self.plan}: {why}; rebuild it here with python -m trt.build")
         self._errors: list[str] = []
-        self._runtime = trt.Runtime(_logger(self._errors))  # kept: the runtime must outlive its engine
+        self._runtime = trt.Runtime(trt_logger(self._errors))  # kept: the runtime must outlive its engine
         if self.sidecar["build"].get("version_compatible") and not self.sidecar["build"].get("exclude_lean_runtime"):
             self._runtime.engine_host_code_allowed = True  # the plan carries its lean runtime, which is host code
         engine = self._runtime.deserialize_cuda_engine(self.plan.read_bytes())
