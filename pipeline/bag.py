@@ -94,14 +94,12 @@ def segment_bag(bag: Path, topic: str, seg, out: Path, video: Path | None = None
 
 
 def _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_topic, fps, progress) -> dict:
-    for name in (rosmsg.IMAGE, "std_msgs/msg/Header"):
-        if name not in reader.typestore.types:  # a bag of CompressedImage only: add Image from a built-in store
-            from rosbags.typesys import Stores, get_typestore
+    if rosmsg.IMAGE not in reader.typestore.types:  # a bag of CompressedImage only: Image from a built-in store
+        from rosbags.typesys import Stores, get_typestore
 
-            store = get_typestore(Stores.ROS1_NOETIC if not reader.is2 else Stores.ROS2_HUMBLE)
-            reader.typestore.register({n: store.fielddefs[n] for n in (rosmsg.IMAGE, "std_msgs/msg/Header",
-                                                                        "builtin_interfaces/msg/Time")
-                                       if n in store.fielddefs and n not in reader.typestore.types})
+        store = get_typestore(Stores.ROS2_HUMBLE if reader.is2 else Stores.ROS1_NOETIC)
+        needed = (rosmsg.IMAGE, "std_msgs/msg/Header", "builtin_interfaces/msg/Time")
+        reader.typestore.register({n: store.fielddefs[n] for n in needed if n not in reader.typestore.types})
     image_cls = reader.typestore.types[rosmsg.IMAGE]
     serialize = reader.typestore.serialize_cdr if reader.is2 else reader.typestore.serialize_ros1
     tmp = out.with_name(f".{out.name}.partial")

@@ -70,7 +70,8 @@ def _messages(ts, frames, ros1: bool):
     return out
 
 
-def write_bag(path: Path, kind: str, frames) -> Path:
+def write_bag(path: Path, kind: str, frames, only: str | None = None) -> Path:
+    """A bag of `_messages` (those of topic `only` alone when given: no Image type in the bag then)."""
     ros1 = kind == "ros1"
     ts = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
     writer = Writer1(path) if ros1 else Writer2(path, version=9, storage_plugin=StoragePlugin.MCAP if kind == "mcap"
@@ -79,6 +80,8 @@ def write_bag(path: Path, kind: str, frames) -> Path:
     with writer:
         conns = {}
         for topic, msgtype, stamp, msg in _messages(ts, frames, ros1):
+            if only is not None and topic != only:
+                continue
             if topic not in conns:
                 conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
             writer.write(conns[topic], stamp, serialize(msg, msgtype))
@@ -126,9 +129,10 @@ def test_segment_bag_writes_masks_and_overlays_under_the_original_stamps(art, tm
     cap.release()
 
 
-def test_compressed_topic(art, tmp_path):
-    bag = write_bag(tmp_path / "drive", "sqlite3", art["frames"])
-    out = tmp_path / "out"
+@pytest.mark.parametrize("kind", ["sqlite3", "ros1"])
+def test_compressed_topic(art, tmp_path, kind):
+    bag = write_bag(tmp_path / ("drive.bag" if kind == "ros1" else "drive"), kind, art["frames"], only="/cam/jpeg")
+    out = tmp_path / ("out.bag" if kind == "ros1" else "out")
     code, _, err = cli("segment-bag", "--run-dir", str(tmp_path / "run"), "--bag", str(bag), "--topic", "/cam/jpeg",
                        "--artifact", str(art["onnx"]), "--out", str(out), "--no-overlay", cwd=tmp_path)
     assert code == 0, err
