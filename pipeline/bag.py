@@ -102,11 +102,13 @@ def _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_t
         reader.typestore.register({n: store.fielddefs[n] for n in needed if n not in reader.typestore.types})
     image_cls = reader.typestore.types[rosmsg.IMAGE]
     serialize = reader.typestore.serialize_cdr if reader.is2 else reader.typestore.serialize_ros1
-    tmp = out.with_name(f".{out.name}.partial")
-    vtmp = video.with_name(f".{video.stem}.partial{video.suffix}") if video else None
-    for p in (tmp, vtmp):
-        if p is not None and p.exists():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # everything is written into a staging folder beside `out` under its final names (a ROS 2 bag records its
+    # file names in metadata.yaml), then moved into place once complete
+    stage = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    tmp = stage / out.name
+    vtmp = stage / video.name if video else None
     stats = {"frames": 0, "refused": 0, "copied": 0, "refused_encodings": {}}
     writer = _writer(reader, bag, tmp)
     vw = None
@@ -148,16 +150,15 @@ def _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_t
         writer.close()
         if vw is not None:
             vw.release()
-            vtmp.replace(video)
+            shutil.move(vtmp, video)  # may be another file system
         tmp.replace(out)
     except BaseException:
         _close_quietly(writer)
         if vw is not None:
             vw.release()
-        for p in (tmp, vtmp):
-            if p is not None and p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
         raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     seconds = time.perf_counter() - start
     stats.update(bag=str(bag), out=str(out), video=str(video) if video and stats["frames"] else None,
                  topic=conns[0].topic, mask_topic=mask_topic, overlay_topic=overlay_topic if overlay else None,

@@ -108,6 +108,9 @@ def test_segment_bag_writes_masks_and_overlays_under_the_original_stamps(art, tm
                             "/cam/image", "--artifact", str(art["onnx"]), "--out", str(out), "--video",
                             str(tmp_path / "overlay.mp4"), f"data.root={art['root']}", cwd=tmp_path)
     assert code == 0, err
+    if kind != "ros1":  # the storage file carries the bag's final name, as ros2 bag tools expect
+        assert (out / f"out.{'mcap' if kind == 'mcap' else 'db3'}").is_file()
+    assert not list(tmp_path.glob(".*.partial"))
     msgs = read_back(out)
     original = [(t, ty, s) for t, ty, s, _ in _messages(get_typestore(Stores.ROS2_HUMBLE if kind != "ros1" else
                                                                        Stores.ROS1_NOETIC), art["frames"],
