@@ -81,6 +81,7 @@ class ExportConfig:
     int8: bool = True  # student.int8.onnx (Q/DQ, calibrated on training frames)
     calibration_frames: int = 32
     calibration_method: str = "entropy"  # entropy | max
+    int8_backend: str = "modelopt"  # modelopt (Model Optimizer PTQ, FP16 elsewhere) | ort (ONNX Runtime QDQ, FP32)
     parity_frames: int = 8  # validation frames the ONNX must match PyTorch on
     eval_frames: int = 0  # validation frames each artifact is scored on; 0: all
     engines: str = "auto"  # TensorRT plans: auto (when TensorRT and a GPU exist) | off
@@ -131,6 +132,7 @@ CHOICES = {
     "export.input": ("float", "uint8"),
     "export.output": ("logits", "labels"),
     "export.calibration_method": ("entropy", "max"),
+    "export.int8_backend": ("modelopt", "ort"),
     "export.engines": ("auto", "off"),
     "bench.cuda": ("auto", "off"),
 }

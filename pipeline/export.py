@@ -312,6 +312,7 @@ class ExportPlan:
     parity_frames: int = 8
     calibration_frames: int = 32
     calibration_method: str = "entropy"  # entropy | max
+    int8_backend: str = "modelopt"  # modelopt | ort (precision.to_int8)
     eval_frames: int = 0  # validation frames scored per artifact; 0: the whole split
     simplify: bool = True
     parity_max_diff: float = 1e-3  # max |logit difference| of the FP32 ONNX against PyTorch
@@ -365,9 +366,10 @@ def export_student(model: SegFormer, out_dir: Path, plan: ExportPlan, val_set, t
         if plan.int8:
             made.append(int8)
             calib = [x for x, _ in frames(train_set, plan.calibration_frames, spec, mean, std)]
-            log.info("export: INT8 calibration on %d %s frames (%s)", len(calib), train_set.split,
-                     plan.calibration_method)
-            info = precision.to_int8(fp32, int8, np.concatenate(calib), method=plan.calibration_method)
+            log.info("export: INT8 calibration on %d %s frames (%s, %s)", len(calib), train_set.split,
+                     plan.calibration_method, plan.int8_backend)
+            info = precision.to_int8(fp32, int8, np.concatenate(calib), method=plan.calibration_method,
+                                     backend=plan.int8_backend)
             runners["int8"] = one_frame(OrtRunner(int8), spec)
             report["artifacts"]["int8"] = {"file": int8.name, "parity": parity(reference, runners["int8"], checks),
                                            "quantization": info}

@@ -258,8 +258,9 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "entrop
 
     backend="modelopt": NVIDIA Model Optimizer ONNX PTQ calibrated with ONNX Runtime's CPU provider; everything
     not quantized runs in `high_precision` ("fp16" or "fp32"), `keep_fp32_ops` staying FP32 as in `to_fp16`.
-    backend="ort": ONNX Runtime's own QDQ static quantizer (symmetric, per-channel weights), the fallback for
-    machines without modelopt; the non-quantized part stays FP32. Writes `dst` atomically."""
+    backend="ort": ONNX Runtime's own QDQ static quantizer (symmetric, per-channel weights, Q/DQ on the inputs of
+    Conv/MatMul/Gemm only, entropy thresholds from a 2048-bin histogram), the fallback for machines without
+    modelopt; the non-quantized part stays FP32. Writes `dst` atomically."""
     import onnx
 
     src, dst = Path(src), Path(dst)
@@ -333,8 +334,19 @@ def _run_child(code: str, arg: str, src: Path, tool: str) -> None:
                           f"({lines[-1] if lines else f'exit status {proc.returncode}'})")
 
 
+# The ORT backend places Q/DQ as TensorRT wants it: on the inputs of the compute-heavy ops only. Quantizing their
+# outputs too (quantize_static's default) adds a rounding step before every bias add, and on a B0 costs about
+# 14 dB of logit SQNR (16 dB against 30 dB on random weights).
+_ORT_QUANT_OPS = ["Conv", "MatMul", "Gemm"]
+# Entropy calibration as TensorRT's legacy calibrator does it: a 2048-bin histogram, thresholds searched over
+# 128-bin quantizations. quantize_static builds its entropy calibrator with 128 and 128 bins, where the only
+# threshold left is the full range, that is max calibration.
+_ENTROPY_BINS, _ENTROPY_QUANT_BINS = 2048, 128
+
+
 def _ort_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: int, method: str,
                   exclude: list[str], src: Path) -> None:
+    import onnx
     from onnxruntime import quantization as oq
 
     class Reader(oq.CalibrationDataReader):
@@ -345,12 +357,87 @@ def _ort_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: in
             batch = next(self.batches, None)
             return None if batch is None else {name: batch}
 
+    # Symmetric INT8 activations and per-channel weights: the Q/DQ form TensorRT consumes.
+    options: dict = {"ActivationSymmetric": True, "WeightSymmetric": True,
+                     "OpTypesToExcludeOutputQuantization": _ORT_QUANT_OPS}
     try:
-        # Symmetric INT8 activations and per-channel weights: the Q/DQ form TensorRT consumes.
-        calibrate = oq.CalibrationMethod.Entropy if method == "entropy" else oq.CalibrationMethod.MinMax
+        if method == "entropy":
+            options["TensorQuantOverrides"] = _entropy_ranges(onnx.load(str(work)), work, Reader(), exclude)
+            log.info("INT8: entropy thresholds of %d activations", len(options["TensorQuantOverrides"]))
         oq.quantize_static(str(work), str(out), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
                            activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
-                           nodes_to_exclude=exclude, calibrate_method=calibrate,
-                           extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                           op_types_to_quantize=_ORT_QUANT_OPS, nodes_to_exclude=exclude,
+                           calibrate_method=oq.CalibrationMethod.MinMax, extra_options=options)
     except Exception as e:
         raise ExportError(f"{src}: INT8 quantization with onnxruntime failed ({_first_line(e)})") from None
+
+
+def _entropy_ranges(model, work: Path, reader, exclude: list[str]) -> dict[str, list[dict]]:
+    """Entropy thresholds of the activations feeding the ops the ORT backend quantizes, as quantize_static's
+    TensorQuantOverrides (symmetric: rmin = -rmax)."""
+    import onnx
+    import onnxruntime as ort
+
+    weights = {i.name for i in model.graph.initializer}
+    skip = set(exclude)
+    wanted = sorted({i for n in model.graph.node if n.op_type in _ORT_QUANT_OPS and n.name not in skip
+                     for i in n.input[:2] if i and i not in weights})
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in wanted if t not in outputs)
+    probe = work.with_name("probe.onnx")
+    onnx.save(model, str(probe))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(probe), opts, providers=["CPUExecutionProvider"])
+    feeds = list(iter(reader.get_next, None))
+    # two passes: the largest |x| of each tensor fixes its histogram's range, then the histograms
+    amax = dict.fromkeys(wanted, 0.0)
+    for feed in feeds:
+        for t, x in zip(wanted, sess.run(wanted, feed)):
+            amax[t] = max(amax[t], float(np.abs(x).max()))
+    hist = {t: np.zeros(_ENTROPY_BINS) for t in wanted}
+    for feed in feeds:
+        for t, x in zip(wanted, sess.run(wanted, feed)):
+            if amax[t] > 0:
+                hist[t] += np.histogram(np.abs(x), bins=_ENTROPY_BINS, range=(0.0, amax[t]))[0]
+    overrides = {}
+    for t in wanted:
+        if amax[t] > 0:
+            bound = np.float32(entropy_threshold(hist[t]) * amax[t] / _ENTROPY_BINS)
+            overrides[t] = [{"rmin": -bound, "rmax": bound}]
+    return overrides
+
+
+def _kl_to_quantized(p: np.ndarray, kept: np.ndarray, levels: int) -> float:
+    """KL divergence of the distribution `p` from the `levels`-level quantization of `kept` (the same bins without
+    the clipped mass folded in), each level's mass spread evenly over the bins of its range that `kept` occupies."""
+    starts = np.linspace(0, len(kept), levels + 1).astype(int)[:-1]
+    used = kept > 0
+    mass, count = np.add.reduceat(kept, starts), np.add.reduceat(used, starts)
+    widths = np.diff(np.append(starts, len(kept)))
+    q = np.repeat(np.divide(mass, count, out=np.zeros_like(mass), where=count > 0), widths) * used
+    if not (p > 0).any() or (q[p > 0] == 0).any():
+        return float("inf")  # mass where the quantization has none: any threshold with full support beats it
+    on = p > 0
+    p, q = p[on] / p.sum(), q[on] / q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def entropy_threshold(hist: np.ndarray, levels: int = _ENTROPY_QUANT_BINS, stride: int = 16) -> int:
+    """Number of histogram bins (of |x|) to keep so that clipping the rest into the last kept bin and quantizing
+    to `levels` levels loses the least information (minimum KL divergence): the entropy calibration of Migacz,
+    "8-bit Inference with TensorRT" (GTC 2017). Candidates are searched every `stride` bins, then bin by bin around
+    the best one."""
+    n = len(hist)
+    if n <= levels or hist.sum() == 0:
+        return n
+
+    def kl(i: int) -> float:
+        kept = hist[:i].astype(np.float64)
+        p = kept.copy()
+        p[-1] += hist[i:].sum()
+        return _kl_to_quantized(p, kept, levels)
+
+    coarse = min(range(levels, n + 1, stride), key=kl)
+    return min(range(max(levels, coarse - stride + 1), min(n, coarse + stride - 1) + 1), key=kl)

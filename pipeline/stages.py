@@ -140,7 +140,7 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     size = tuple(e.size) if tuple(e.size) != (0, 0) else tuple(cfg.data.size)
     spec = ExportSpec(e.input, e.output, size, e.batch, e.dynamic, e.opset)
     plan = ExportPlan(spec, e.fp16, e.int8, e.parity_frames, e.calibration_frames, e.calibration_method,
-                      e.eval_frames, e.simplify)
+                      e.int8_backend, e.eval_frames, e.simplify)
     report = export_student(model, run_dir, plan, val, train, source=path)
     if e.engines == "auto":
         from trt.build import tensorrt_unavailable

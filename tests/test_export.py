@@ -158,6 +158,20 @@ def test_export_stage_writes_every_onnx_artifact_and_its_report(tmp_path, data, 
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: trt-build:")
 
 
+def test_int8_through_onnx_runtime_backend(tmp_path, data, student):
+    """export.int8_backend=ort: no Model Optimizer involved, the Q/DQ graph checked and scored like the others."""
+    train, val = data
+    plan = ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=True, parity_frames=2,
+                      calibration_frames=4, int8_backend="ort", eval_frames=2)
+    report = export_student(student, tmp_path, plan, val, train)
+    int8 = report["artifacts"]["int8"]
+    assert int8["quantization"]["backend"] == "ort" and int8["quantization"]["method"] == "entropy"
+    assert int8["quantization"]["frames"] == 4 and int8["quantization"]["quantized_nodes"] > 0
+    assert int8["parity"]["argmax_agreement"] >= 0.9
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "student.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
 def test_export_of_a_checkpoint_that_does_not_load_is_one_line(tmp_path, data):
     _, val = data
     bad = tmp_path / "broken.safetensors"

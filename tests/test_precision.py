@@ -145,14 +145,73 @@ def test_int8_modelopt_uint8_labels(art):
     assert agree >= 0.9, agree
 
 
-def test_int8_ort_backend(art):
-    dst = art["dir"] / "student.ort.int8.onnx"
+def sqnr_db(path, ref_path, frames) -> float:
+    """Signal-to-quantization-noise ratio of `path`'s logits against `ref_path`'s, in dB."""
+    out, ref = run(path, frames).astype(np.float64), run(ref_path, frames).astype(np.float64)
+    return float(10 * np.log10(np.mean(ref ** 2) / np.mean((out - ref) ** 2)))
+
+
+def activation_scales(model) -> dict[str, float]:
+    """Scale of each activation's QuantizeLinear, by the tensor it quantizes."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+               if n.op_type == "Constant"}
+    return {n.input[0]: float(consts[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+
+
+@pytest.fixture(scope="module")
+def ort_int8(art):
+    """The ORT backend's INT8 graphs of the float export, one per calibration method."""
     per_frame = list(art["float"]["train"][:, None])  # N arrays of 1 x 3 x H x W, as the exporter makes them
-    info = precision.to_int8(art["fp32"], dst, per_frame, method="max", backend="ort")
+    out = {}
+    for method in ("max", "entropy"):
+        dst = art["dir"] / f"student.ort-{method}.int8.onnx"
+        out[method] = (dst, precision.to_int8(art["fp32"], dst, per_frame, method=method, backend="ort"))
+    return out
+
+
+@pytest.mark.parametrize("method", ["max", "entropy"])
+def test_int8_ort_backend(art, ort_int8, method):
+    dst, info = ort_int8[method]
     assert info["backend"] == "ort" and info["high_precision"] == "fp32" and info["version"] == ort.__version__
-    check_int8(onnx.load(str(dst)), onnx.load(str(art["fp32"])), info)
-    agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
-    assert agree >= 0.9, (agree, diff)
+    assert info["method"] == method
+    model = onnx.load(str(dst))
+    check_int8(model, onnx.load(str(art["fp32"])), info)
+    # Q/DQ on the inputs of Conv/MatMul/Gemm only (a DQ they share with a data-movement op included): nothing
+    # quantizes what they produce, no other computing op reads a DQ
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert not any(getattr(producer.get(n.input[0]), "op_type", "") in ("Conv", "MatMul", "Gemm")
+                   for n in model.graph.node if n.op_type == "QuantizeLinear")
+    fed = {n.op_type for n in model.graph.node if n.name in qdq_fed(model)}
+    assert {"Conv", "MatMul"} <= fed <= {"Conv", "MatMul", "Gemm", "Identity", "Reshape", "Transpose"}, fed
+    agree, _ = agreement(dst, art["fp32"], art["float"]["val"])
+    assert agree >= 0.95 and sqnr_db(dst, art["fp32"], art["float"]["val"]) >= 25.0, agree
+
+
+def test_ort_entropy_clips_where_max_does_not(ort_int8):
+    """Entropy thresholds never exceed the calibrated maximum and cut the long tails of some activations."""
+    by_max = activation_scales(onnx.load(str(ort_int8["max"][0])))
+    by_entropy = activation_scales(onnx.load(str(ort_int8["entropy"][0])))
+    assert by_max.keys() == by_entropy.keys() and len(by_max) > 20
+    ratio = np.array([by_entropy[t] / by_max[t] for t in by_max])
+    assert (ratio <= 1 + 1e-4).all() and (ratio < 0.9).any(), ratio.round(3)
+
+
+def test_entropy_threshold_keeps_what_carries_information():
+    rng = np.random.default_rng(0)
+
+    def kept(x: np.ndarray) -> float:
+        x = np.abs(x)
+        hist = np.histogram(x, bins=2048, range=(0.0, x.max()))[0]
+        return precision.entropy_threshold(hist) / 2048 * x.max()
+
+    assert kept(rng.uniform(-1, 1, 100_000)) == pytest.approx(1.0, abs=2e-3)  # nothing to cut: the whole range
+    outlier = kept(np.append(rng.normal(0, 1, 100_000), 40.0))  # one far outlier: cut, the bulk kept
+    assert 3.0 < outlier < 6.0
+    tailed = rng.laplace(0, 1, 100_000)  # a long tail: cut
+    assert kept(tailed) < 0.95 * np.abs(tailed).max()
+    assert precision.entropy_threshold(np.zeros(2048)) == 2048
 
 
 def test_static_batch_calibrates_whole_batches(art, tmp_path):
