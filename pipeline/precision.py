@@ -439,5 +439,5 @@ def entropy_threshold(hist: np.ndarray, levels: int = _ENTROPY_QUANT_BINS, strid
         p[-1] += hist[i:].sum()
         return _kl_to_quantized(p, kept, levels)
 
-    coarse = min(range(levels, n + 1, stride), key=kl)
+    coarse = min(sorted({*range(levels, n + 1, stride), n}), key=kl)  # n: keep everything, always finite
     return min(range(max(levels, coarse - stride + 1), min(n, coarse + stride - 1) + 1), key=kl)
