@@ -188,7 +188,6 @@ def _prune(model) -> None:
 def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[str, str]) -> None:
     """Stamp the source's metadata, check the graph, run it once in ONNX Runtime CPU and move it onto `dst`."""
     import onnx
-    import onnxruntime as ort
 
     meta = {p.key: p.value for p in source.metadata_props} | extra_meta
     del model.metadata_props[:]
@@ -198,9 +197,7 @@ def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[
         onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3  # constant-folding notes about FP16 kernels CPU lacks are not failures
-            sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+            sess = _cpu_session(tmp)
             inp = sess.get_inputs()[0]
             if feed is None:
                 _, dtype, dims = _graph_input(model, dst)
@@ -210,6 +207,16 @@ def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[
         except Exception as e:
             raise ExportError(f"{dst}: the converted model does not run in ONNX Runtime CPU "
                               f"({_first_line(e)})") from None
+
+
+def _cpu_session(path: Path):
+    """ONNX Runtime CPU session that logs errors only (Q/DQ and FP16 graphs log notes about constant folding and
+    kernels the CPU lacks that are not failures)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _summary(model) -> dict:
@@ -346,23 +353,23 @@ _ENTROPY_BINS, _ENTROPY_QUANT_BINS = 2048, 128
 
 def _ort_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: int, method: str,
                   exclude: list[str], src: Path) -> None:
-    import onnx
     from onnxruntime import quantization as oq
+
+    feeds = [{name: frames[i:i + step]} for i in range(0, len(frames), step)]
 
     class Reader(oq.CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(frames[i:i + step] for i in range(0, len(frames), step))
+            self.feeds = iter(feeds)
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {name: batch}
+            return next(self.feeds, None)
 
     # Symmetric INT8 activations and per-channel weights: the Q/DQ form TensorRT consumes.
     options: dict = {"ActivationSymmetric": True, "WeightSymmetric": True,
                      "OpTypesToExcludeOutputQuantization": _ORT_QUANT_OPS}
     try:
         if method == "entropy":
-            options["TensorQuantOverrides"] = _entropy_ranges(onnx.load(str(work)), work, Reader(), exclude)
+            options["TensorQuantOverrides"] = _entropy_ranges(work, feeds, exclude)
             log.info("INT8: entropy thresholds of %d activations", len(options["TensorQuantOverrides"]))
         oq.quantize_static(str(work), str(out), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
                            activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
@@ -372,12 +379,12 @@ def _ort_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: in
         raise ExportError(f"{src}: INT8 quantization with onnxruntime failed ({_first_line(e)})") from None
 
 
-def _entropy_ranges(model, work: Path, reader, exclude: list[str]) -> dict[str, list[dict]]:
+def _entropy_ranges(work: Path, feeds: list[dict], exclude: list[str]) -> dict[str, list[dict]]:
     """Entropy thresholds of the activations feeding the ops the ORT backend quantizes, as quantize_static's
     TensorQuantOverrides (symmetric: rmin = -rmax)."""
     import onnx
-    import onnxruntime as ort
 
+    model = onnx.load(str(work))
     weights = {i.name for i in model.graph.initializer}
     skip = set(exclude)
     wanted = sorted({i for n in model.graph.node if n.op_type in _ORT_QUANT_OPS and n.name not in skip
@@ -387,10 +394,7 @@ def _entropy_ranges(model, work: Path, reader, exclude: list[str]) -> dict[str, 
                               for t in wanted if t not in outputs)
     probe = work.with_name("probe.onnx")
     onnx.save(model, str(probe))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(probe), opts, providers=["CPUExecutionProvider"])
-    feeds = list(iter(reader.get_next, None))
+    sess = _cpu_session(probe)
     # two passes: the largest |x| of each tensor fixes its histogram's range, then the histograms
     amax = dict.fromkeys(wanted, 0.0)
     for feed in feeds:
@@ -417,9 +421,9 @@ def _kl_to_quantized(p: np.ndarray, kept: np.ndarray, levels: int) -> float:
     mass, count = np.add.reduceat(kept, starts), np.add.reduceat(used, starts)
     widths = np.diff(np.append(starts, len(kept)))
     q = np.repeat(np.divide(mass, count, out=np.zeros_like(mass), where=count > 0), widths) * used
-    if not (p > 0).any() or (q[p > 0] == 0).any():
-        return float("inf")  # mass where the quantization has none: any threshold with full support beats it
     on = p > 0
+    if (q[on] == 0).any():
+        return float("inf")  # mass where the quantization has none: any threshold with full support beats it
     p, q = p[on] / p.sum(), q[on] / q.sum()
     return float(np.sum(p * np.log(p / q)))
 
