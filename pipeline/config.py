@@ -83,6 +83,8 @@ class ExportConfig:
     calibration_method: str = "entropy"  # entropy | max
     int8_backend: str = "modelopt"  # modelopt (Model Optimizer PTQ, FP16 elsewhere) | ort (ONNX Runtime QDQ, FP32)
     parity_frames: int = 8  # validation frames the ONNX must match PyTorch on
+    parity_max_diff: float = 1e-3  # max |logit difference| of the FP32 ONNX against PyTorch
+    parity_min_agreement: float = 0.999  # argmax agreement of the FP32 ONNX with PyTorch
     eval_frames: int = 0  # validation frames each artifact is scored on; 0: all
     engines: str = "auto"  # TensorRT plans: auto (when TensorRT and a GPU exist) | off
     workspace_gib: float = 4.0

@@ -1,7 +1,18 @@
-"""Shared fixtures: deterministic torch on few threads, and a helper to compare logits."""
+"""Shared fixtures: deterministic torch, synthetic data sets on disk, a tiny student with a spread of classes, and a
+runner for the command-line entry points in a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +24,62 @@ def _deterministic():
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Callable[..., Path]:
+    """`synthetic(train, val, size, seed)` -> the folder of a generated street-scene set, made once per session for
+    each set of arguments."""
+    from pipeline.data import ensure_synthetic
+
+    made: dict[tuple, Path] = {}
+
+    def make(train: int = 4, val: int = 4, size: tuple[int, int] = (96, 192), seed: int = 0) -> Path:
+        key = (train, val, tuple(size), seed)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"synthetic-{train}-{val}-{size[0]}x{size[1]}-{seed}")
+            made[key] = ensure_synthetic(folder / "synthetic", train, val, tuple(size), seed, progress=False)
+        return made[key]
+
+    return make
+
+
+def splits(root: Path):
+    """The (train, val) datasets of a synthetic folder."""
+    from pipeline.data import build_dataset
+
+    return build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
+
+
+def spread_student(seed: int = 0, num_classes: int = 19, variant: str = "mit_b0"):
+    """A random student whose classifier is scaled up, so its argmax varies across the image and many classes
+    occur (a random head predicts one constant class)."""
+    from pipeline.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(variant, num_classes=num_classes).eval()
+    with torch.no_grad():
+        model.head.classifier.weight.mul_(300.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def student():
+    return spread_student()
+
+
+def run_cli(*args: str, cwd: Path | str = ROOT, module: str | None = "pipeline.run", timeout: float = 600,
+            env: dict | None = None) -> tuple[int, str, str]:
+    """A command line in a child process (`python -m module args`, or `python args` when module is None), with the
+    repository importable and one thread per library; returns (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, *(["-m", module] if module else []), *args]
+    p = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def start_cli(*args: str, cwd: Path | str = ROOT, module: str = "pipeline.run", **kw) -> subprocess.Popen:
+    """Like run_cli, without waiting: for tests that signal or kill the process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
