@@ -11,6 +11,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -232,6 +233,18 @@ def publish(staged: str | os.PathLike, final: str | os.PathLike, meta: Metadata)
     return write_sidecar(final, meta)
 
 
+def save(final: str | os.PathLike, write: Callable[[Path], object], meta: Metadata) -> Metadata:
+    """Write an artifact through `write(staged_path)` under a temporary name beside `final`, then `publish` it with
+    its record; on any error nothing is left under either name."""
+    final = Path(final)
+    staged = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        write(staged)
+        return publish(staged, final, meta)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def read_sidecar(artifact: str | os.PathLike, verify: bool = False) -> Metadata:
     """The validated record of `<artifact>.json`; `verify` also checks the artifact's sha256 against it."""
     artifact = Path(artifact)
@@ -262,5 +275,5 @@ def read_onnx(props: dict[str, str], where: str) -> Metadata:
 
 
 __all__ = ["ARTIFACTS", "INPUTS", "INPUT_NAME", "OUTPUTS", "PRECISIONS", "ArtifactKind", "Contract", "Metadata",
-           "Normalization", "kinds", "publish", "read_onnx", "read_sidecar", "run_file", "sidecar_path",
+           "Normalization", "kinds", "publish", "save", "read_onnx", "read_sidecar", "run_file", "sidecar_path",
            "write_sidecar"]

@@ -190,11 +190,12 @@ def test_save_and_load_round_trip(tmp_path):
     model = randomize_(build_model("mit_b0"))
     model.meta.input_size = (256, 512)
     path = save_model(model, tmp_path / "student.safetensors", source="unit test")
-    sidecar = json.loads((tmp_path / "student.json").read_text())
+    sidecar = json.loads((tmp_path / "student.safetensors.json").read_text())
+    assert sidecar["schema"] == "transkd-deploy/artifact" and sidecar["kind"] == "checkpoint"
     assert sidecar["variant"] == "mit_b0" and sidecar["num_classes"] == 19
     assert sidecar["classes"][0] == "road" and len(sidecar["palette"]) == 19
     assert sidecar["normalization"]["mean"] == [123.675, 116.28, 103.53]
-    assert sidecar["input_size"] == [256, 512] and sidecar["source"] == "unit test"
+    assert sidecar["contract"]["size"] == [256, 512] and sidecar["source"] == "unit test"
     assert len(sidecar["sha256"]) == 64
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
     loaded = load_model(path)
@@ -216,10 +217,30 @@ def test_custom_architecture_round_trips_through_the_sidecar(tmp_path):
 
 def test_a_sidecar_config_with_unknown_fields_is_refused(tmp_path):
     save_model(build_model("mit_b0"), tmp_path / "student.safetensors")
-    info = json.loads((tmp_path / "student.json").read_text())
-    info["config"]["window"] = 7
-    (tmp_path / "student.json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match=r"student\.json: config: .*unknown field\(s\) window"):
+    side = tmp_path / "student.safetensors.json"
+    info = json.loads(side.read_text())
+    info["details"]["config"]["window"] = 7
+    side.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"student\.safetensors\.json: details\.config: .*unknown field\(s\) window"):
+        load_model(tmp_path / "student.safetensors")
+
+
+def test_a_sidecar_missing_a_field_or_of_an_older_version_is_one_line(tmp_path):
+    save_model(build_model("mit_b0"), tmp_path / "student.safetensors")
+    side = tmp_path / "student.safetensors.json"
+    info = json.loads(side.read_text())
+    for field, change in (("classes", lambda d: d.pop("classes")),
+                          ("details.config", lambda d: d["details"].pop("config")),
+                          ("normalization.std", lambda d: d["normalization"].update(std="x"))):
+        broken = json.loads(json.dumps(info))
+        change(broken)
+        side.write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=rf"student\.safetensors\.json: field '{field}'") as e:
+            load_model(tmp_path / "student.safetensors")
+        assert "\n" not in str(e.value)
+    side.unlink()
+    (tmp_path / "student.json").write_text(json.dumps({"format": "transkd-deploy/segformer", "classes": ["a"]}))
+    with pytest.raises(CheckpointError, match=r"student\.json: a sidecar of an older version .*'schema' missing"):
         load_model(tmp_path / "student.safetensors")
 
 

@@ -14,12 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline import artifacts
 from pipeline.errors import CheckpointError, CheckpointWarning, InputError
-from pipeline.io import atomic_path, sha256_file, write_json
 from pipeline.models.mit import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
 from pipeline.models.segformer import ModelMeta, SegFormer
 
-SIDECAR_FORMAT = "transkd-deploy/segformer"
+SAFETENSORS_FORMAT = "transkd-deploy/segformer"  # the safetensors header's own `format` metadata
 FORMATS = ("ours", "nvlabs", "hf", "mmseg")
 
 
@@ -204,6 +204,15 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _legacy_sidecar(path: Path) -> bool:
+    """`student.json` as save_model wrote it before the one artifact record (`student.safetensors.json`)."""
+    old = path.with_suffix(".json")
+    try:
+        return old.is_file() and json.loads(old.read_text()).get("format") == SAFETENSORS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The raw state dict of a file or folder, and what it says about itself (config, sidecar, meta)."""
     if not path.exists():
@@ -212,16 +221,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return _read_hf_dir(path)
     if path.suffix == ".safetensors":
         state, extra = _safetensors_load(path), {}
-        sidecar = path.with_suffix(".json")
-        if sidecar.is_file():
-            info = _read_json(sidecar)
-            if info.get("format") == SIDECAR_FORMAT:
-                if info.get("sha256") != sha256_file(path):
-                    raise CheckpointError(
-                        f"{path}: sha256 differs from the one recorded in {sidecar.name}; "
-                        "the weights changed after the sidecar was written"
-                    )
-                extra["sidecar"] = info
+        if artifacts.sidecar_path(path).is_file():
+            try:
+                extra["sidecar"] = artifacts.read_sidecar(path, verify=True)
+            except InputError as e:
+                raise CheckpointError(str(e)) from None
+        elif _legacy_sidecar(path):
+            raise CheckpointError(f"{path.with_suffix('.json')}: a sidecar of an older version of this pipeline (field "
+                                  f"'schema' missing; this version reads {artifacts.sidecar_path(path).name}); "
+                                  "re-save the model with save_model, or move the old file away to load the "
+                                  "weights alone")
         return state, extra
     obj = _torch_load(path)
     extra = {}
@@ -295,10 +304,10 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
     has_head = cls_key in state and fuse_key in state
 
     hf = extra.get("hf_config", {})
-    side = extra.get("sidecar", {})
+    side_config = extra["sidecar"].details["config"] if "sidecar" in extra else None
     table = variant_of(dims, depths)
-    if side.get("config"):
-        heads = tuple(side["config"]["heads"])
+    if side_config:
+        heads = tuple(side_config["heads"])
     elif hf.get("num_attention_heads"):
         heads = tuple(hf["num_attention_heads"])
     elif table:
@@ -313,11 +322,11 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
     else:
         decoder_dim = hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256)
         ckpt_classes = None
-    if side.get("config"):
+    if side_config:
         try:
-            cfg = SegFormerConfig.from_dict(side["config"])
-        except (InputError, TypeError) as e:
-            raise CheckpointError(f"{path.with_suffix('.json')}: config: {e}") from None
+            cfg = SegFormerConfig.from_dict(side_config)
+        except (InputError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{artifacts.sidecar_path(path)}: details.config: {e}") from None
     else:
         cfg = SegFormerConfig(
             variant=variant_of(dims, depths, heads, decoder_dim) or "custom",
@@ -335,12 +344,12 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
 def _infer_meta(cfg: SegFormerConfig, extra: dict, source: str) -> ModelMeta:
     meta = ModelMeta.default(cfg.num_classes)
     meta.source = source
-    side = extra.get("sidecar")
+    side: artifacts.Metadata | None = extra.get("sidecar")
     if side:
         meta = ModelMeta(
-            classes=list(side["classes"]), palette=[list(c) for c in side["palette"]],
-            mean=tuple(side["normalization"]["mean"]), std=tuple(side["normalization"]["std"]),
-            input_size=tuple(side["input_size"]), source=side.get("source", source),
+            classes=list(side.classes), palette=[list(c) for c in side.palette],
+            mean=tuple(side.normalization.mean), std=tuple(side.normalization.std),
+            input_size=tuple(side.contract.size or meta.input_size), source=side.source or source,
         )
     classes, palette = None, None
     if "hf_config" in extra:
@@ -420,32 +429,30 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
     return model.eval()
 
 
+def checkpoint_metadata(model: SegFormer, source: str = "", training: dict | None = None) -> artifacts.Metadata:
+    """The artifact record of a model as PyTorch runs it: float NCHW in, logits out, any size (the one it was
+    trained at recorded as the preferred size)."""
+    meta = model.meta
+    details: dict = {"config": asdict(model.config), "parameters": sum(p.numel() for p in model.parameters())}
+    if training:
+        details["training"] = training
+    return artifacts.Metadata(
+        kind="checkpoint", variant=model.config.variant, num_classes=model.config.num_classes,
+        classes=list(meta.classes), palette=[list(c) for c in meta.palette],
+        normalization=artifacts.Normalization(list(meta.mean), list(meta.std)),
+        contract=artifacts.Contract("float", "logits", list(meta.input_size), None, True),
+        precision="fp32", source=source or meta.source, source_sha256="", versions={"torch": torch.__version__},
+        measured={"val_miou": training["val_miou"]} if training and training.get("val_miou") is not None else {},
+        details=details)
+
+
 def save_model(model: SegFormer, path: str | Path, *, source: str | None = None, extra: dict | None = None) -> Path:
-    """Write `path` (.safetensors) and its JSON sidecar atomically; only the model's own tensors are saved.
-    `extra` adds fields to the sidecar (training step, validation mIoU, dataset, ...)."""
+    """Write `path` (.safetensors) and its sidecar `<path>.json` (the artifact record); only the model's own tensors
+    are saved. `extra` (training step, validation mIoU, dataset, method) goes into the record's details.training."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors file name")
-    sidecar = path.with_suffix(".json")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = model.meta
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"format": SIDECAR_FORMAT})
-        info = {
-            "format": SIDECAR_FORMAT,
-            "variant": model.config.variant,
-            "config": asdict(model.config),
-            "num_classes": model.config.num_classes,
-            "classes": list(meta.classes),
-            "palette": [list(c) for c in meta.palette],
-            "normalization": {"mean": list(meta.mean), "std": list(meta.std), "space": "RGB, 0..255",
-                              "layout": "NCHW float32"},
-            "input_size": list(meta.input_size),
-            "source": source or meta.source,
-            "parameters": sum(v.numel() for k, v in model.named_parameters()),
-            "torch": torch.__version__,
-            **(extra or {}),
-            "sha256": sha256_file(tmp),
-        }
-        write_json(sidecar, info)
+    artifacts.save(path, lambda tmp: save_file(state, tmp, metadata={"format": SAFETENSORS_FORMAT}),
+                   checkpoint_metadata(model, source or "", extra))
     return path
