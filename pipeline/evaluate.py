@@ -1,4 +1,4 @@
-"""Semantic-segmentation scoring: a confusion matrix at full label resolution, and a Cityscapes result writer.
+"""Segmentation scoring: one confusion-matrix core for models (`evaluate`) and artifacts (`score`); Cityscapes results.
 
 mIoU follows the standard definition (cityscapesscripts, mmsegmentation): IoU_c = TP / (TP + FP + FN) counted
 over pixels whose label is not ignored, averaged over the classes that occur in the labels or the predictions.
@@ -139,6 +139,16 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def tally(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+          classes: Sequence[str] | None = None, reduce: bool = False) -> EvalResult:
+    """The one scoring core: a confusion matrix over (class ids, label) pairs of one shape each, summed over the
+    processes of a distributed run with `reduce` (every process must then call it), and its result."""
+    cm = ConfusionMatrix(num_classes)
+    for ids, label in pairs:
+        cm.update(ids, label)
+    return (cm.reduce() if reduce else cm).result(classes)
+
+
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device | str = "cpu",
              num_classes: int | None = None, classes: Sequence[str] | None = None, quarter_res: bool = False,
              amp_dtype: torch.dtype | None = None, progress: bool = True) -> EvalResult:
@@ -150,10 +160,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device | st
     counts are summed over all of them.
     """
     device = torch.device(device)
-    if num_classes is None:
-        num_classes = model.config.num_classes
-    cm = ConfusionMatrix(num_classes)
-    with _eval_mode(model):
+
+    def pairs():
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False,
                           mininterval=progress_interval()):
             image = batch["image"].to(device, non_blocking=True)
@@ -163,8 +171,38 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device | st
                 label = F.interpolate(label[:, None].float(), size=tuple(ids.shape[1:]), mode="nearest")[:, 0].long()
             else:
                 ids = predict(model, image, tuple(label.shape[1:]), amp_dtype)
-            cm.update(ids, label)
-    return cm.reduce().result(classes)
+            yield ids, label
+
+    with _eval_mode(model):
+        return tally(pairs(), num_classes or model.config.num_classes, classes, reduce=True)
+
+
+def spread(n: int, count: int) -> list[int]:
+    """`count` indices spread evenly over a split of `n` frames (all of them for count <= 0 or >= n)."""
+    if count <= 0 or count >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, count).round()]
+
+
+def score(seg, dataset, frames: int = 0, progress: bool = True) -> EvalResult:
+    """mIoU of a Segmenter (any artifact: checkpoint, ONNX, engine) on `frames` spread over `dataset` (0: all), at
+    full label resolution. The dataset's transform is not used: raw frames go in as a camera gives them (BGR
+    uint8), Segmenter resizes them to the network and returns class ids at the frame's resolution, the path the
+    ROS node takes; so a PyTorch checkpoint scores what `evaluate` gives."""
+    n_classes = len(seg.classes)
+    if n_classes != dataset.num_classes:
+        raise InputError(f"{seg.path}: predicts {n_classes} classes, {dataset.name} has {dataset.num_classes}")
+    if len(dataset) == 0:
+        raise InputError(f"{dataset.root}: the {dataset.split} split is empty")
+
+    def pairs():
+        for i in tqdm(spread(len(dataset), frames), desc=seg.path.name, disable=not progress, leave=False,
+                      mininterval=progress_interval()):
+            rgb, label = dataset.read(i)
+            ids = seg.predict(np.ascontiguousarray(rgb[:, :, ::-1]))
+            yield torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(label.astype(np.int64))
+
+    return tally(pairs(), n_classes, dataset.classes)
 
 
 def write_cityscapes(model: nn.Module, loader: Iterable[dict], out_dir: str | Path, device: torch.device | str = "cpu",

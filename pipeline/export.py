@@ -2,55 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import artifacts
+from pipeline.artifacts import INPUT_NAME, Contract, Metadata, Normalization
+from pipeline.config import Config, ExportConfig, validate
+from pipeline.data.transforms import network_input
 from pipeline.errors import ExportError
-from pipeline.evaluate import ConfusionMatrix, EvalResult
-from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline.evaluate import score, spread
+from pipeline.infer import Backend, OrtBackend, Segmenter, TorchBackend
+from pipeline.io import atomic_path, sha256_file
+from pipeline.models.checkpoints import checkpoint_metadata
 from pipeline.models.segformer import SegFormer, deploy_copy
 
 log = logging.getLogger("pipeline")
 
-INPUT_NAME = "image"
-# The deployed graph contract: (input kind) -> what the graph takes; (output kind) -> what it returns.
-INPUTS = {"float": "N x 3 x H x W float32 RGB, normalised outside ((x - mean) / std, 0..255 scale)",
-          "uint8": "N x H x W x 3 uint8 BGR, as cameras and OpenCV deliver it; normalised inside"}
-OUTPUTS = {"logits": "N x classes x H/4 x W/4 float32 logits",
-           "labels": "N x H x W int32 class ids (bilinear upsample to the input size and argmax inside)"}
-
-
-@dataclass
-class ExportSpec:
-    """What the exported graph looks like; recorded in every sidecar."""
-
-    input: str = "float"  # float | uint8
-    output: str = "logits"  # logits | labels
-    size: tuple[int, int] = (512, 1024)  # H x W of the static graph (and the opt shape of a dynamic one)
-    batch: int = 1
-    dynamic: bool = False  # dynamic batch, height and width
-    opset: int = 17  # >= 17: native LayerNormalization (a decomposed one overflows in FP16)
-
-    def check(self) -> None:
-        if self.input not in INPUTS:
-            raise ExportError(f"export.input={self.input!r}: expected one of {', '.join(INPUTS)}")
-        if self.output not in OUTPUTS:
-            raise ExportError(f"export.output={self.output!r}: expected one of {', '.join(OUTPUTS)}")
-        if self.opset < 17:
-            raise ExportError(f"export.opset={self.opset}: expected >= 17 (native LayerNormalization)")
-        if min(self.size) < 32 or self.batch < 1:
-            raise ExportError(f"export size {self.size} / batch {self.batch}: expected sides >= 32, batch >= 1")
+GRAPH_FIELDS = ("input", "output", "size", "batch", "dynamic", "opset")  # the export.* keys that shape the graph
+# export name -> artifact kind, in the order they are made
+KINDS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
 
 
 class DeployModel(nn.Module):
@@ -58,110 +37,87 @@ class DeployModel(nn.Module):
     behind. Nothing else: no distillation taps, no training modules. `with_logits` adds the 1/4 logits as a
     second output, for the parity check of a labels graph only."""
 
-    def __init__(self, model: SegFormer, spec: ExportSpec, with_logits: bool = False, fold: bool = True) -> None:
+    def __init__(self, model: SegFormer, e: ExportConfig, with_logits: bool = False, fold: bool = True) -> None:
         super().__init__()
         # the graph is traced from the reparameterised deploy copy (decode head folded, Mix-FFN as convs: the same
         # logits to float rounding, 2.7x fewer MACs for B0); the parity check's PyTorch reference is the model as
         # trained (fold=False), so parity also checks the reparameterisation
         self.model = deploy_copy(model) if fold else model.eval()
-        self.spec, self.with_logits = spec, with_logits
+        self.input, self.output, self.with_logits = e.input, e.output, with_logits
         mean, std = torch.tensor(model.meta.mean), torch.tensor(model.meta.std)
         # (x - mean) / std as one multiply-add on the RGB channels
         self.register_buffer("scale", (1.0 / std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor):
-        if self.spec.input == "uint8":
+        if self.input == "uint8":
             x = x.flip(-1).permute(0, 3, 1, 2).float() * self.scale + self.shift  # BGR NHWC -> RGB NCHW
         logits = self.model(x)
-        if self.spec.output == "logits":
+        if self.output == "logits":
             return logits
         labels = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         return (labels.to(torch.int32), logits) if self.with_logits else labels.to(torch.int32)
 
 
-def graph_input(rgb: np.ndarray, spec: ExportSpec, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """One RGB uint8 frame as the graph takes it (batch of 1), resized to the export size: the preprocessing
-    parity, calibration and accuracy all share, and what a deployment does in front of a float graph."""
-    h, w = spec.size
-    if rgb.shape[:2] != (h, w):
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-    if spec.input == "uint8":
-        return np.ascontiguousarray(rgb[None, :, :, ::-1])
-    x = (rgb.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+def output_names(e: ExportConfig) -> list[str]:
+    """The traced graph's outputs: a labels graph keeps its 1/4 logits as `parity_logits` until `finalize`."""
+    return [e.output, "parity_logits"] if e.output == "labels" else [e.output]
 
 
-def spread(n: int, count: int) -> list[int]:
-    """`count` indices spread evenly over a split of `n` frames (all of them for count <= 0 or >= n)."""
-    if count <= 0 or count >= n:
-        return list(range(n))
-    return [int(i) for i in np.linspace(0, n - 1, count).round()]
+def onnx_metadata(model: SegFormer, e: ExportConfig, source: Path | None = None) -> Metadata:
+    """The FP32 graph's record: the model's label set and normalisation, the export's contract, the checkpoint's
+    hash as provenance (every ONNX and engine made from it keeps that)."""
+    import onnx
+    import onnxruntime
+
+    base = checkpoint_metadata(model, str(source or ""))
+    return replace(base, kind="onnx", normalization=replace(base.normalization, inside_graph=e.input == "uint8"),
+                   contract=Contract(e.input, e.output, list(e.size), None if e.dynamic else e.batch, e.dynamic),
+                   precision="fp32", source_sha256=sha256_file(source) if source and Path(source).is_file() else "",
+                   versions={"torch": torch.__version__, "onnx": onnx.__version__,
+                             "onnxruntime": onnxruntime.__version__},
+                   measured={}, details={"opset": e.opset})
 
 
-def frames(dataset, count: int, spec: ExportSpec, mean, std) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` (graph input, full-resolution label) pairs spread over the dataset (all of it for count <= 0)."""
-    n = len(dataset)
-    if n == 0:
-        raise ExportError(f"{dataset}: no frames to check the export with")
-    out = []
-    for i in spread(n, count):
-        rgb, label = dataset.read(int(i))
-        out.append((graph_input(rgb, spec, mean, std), label))
-    return out
-
-
-def _metadata(model: SegFormer, spec: ExportSpec, source: str) -> dict[str, str]:
-    meta = model.meta
-    return {
-        "classes": json.dumps(list(meta.classes)), "palette": json.dumps([list(c) for c in meta.palette]),
-        "mean": json.dumps(list(meta.mean)), "std": json.dumps(list(meta.std)),
-        "input": spec.input, "input_layout": INPUTS[spec.input], "output": spec.output,
-        "output_layout": OUTPUTS[spec.output], "input_size": f"{spec.size[0]}x{spec.size[1]}",
-        "variant": model.config.variant, "source_sha256": source,
-    }
-
-
-def export_onnx(model: SegFormer, path: Path, spec: ExportSpec, source_sha256: str = "",
-                simplify: bool = True) -> Path:
-    """Trace the deploy graph to ONNX with an extra `logits` output kept for the parity check (stripped by
-    `finalize`), run onnx's full checker, simplify, and stamp the metadata. Writes `path` atomically."""
+def export_onnx(model: SegFormer, path: Path, e: ExportConfig, meta: Metadata) -> Path:
+    """Trace the deploy graph to ONNX with an extra `parity_logits` output for a labels graph (stripped by
+    `finalize`), simplify, stamp the record `meta` in its metadata and run onnx's full checker. Writes `path`
+    atomically."""
     import onnx
 
-    spec.check()
-    parity_output = spec.output == "labels"
-    deploy = DeployModel(model.cpu(), spec, with_logits=parity_output)
-    h, w = spec.size
-    if spec.input == "uint8":
-        dummy = torch.zeros(spec.batch, h, w, 3, dtype=torch.uint8)
+    deploy = DeployModel(model.cpu(), e, with_logits=e.output == "labels")
+    h, w = e.size
+    if e.input == "uint8":
+        dummy = torch.zeros(e.batch, h, w, 3, dtype=torch.uint8)
         axes = {0: "batch", 1: "height", 2: "width"}
     else:
-        dummy = torch.zeros(spec.batch, 3, h, w)
+        dummy = torch.zeros(e.batch, 3, h, w)
         axes = {0: "batch", 2: "height", 3: "width"}
-    names = [spec.output, "parity_logits"] if parity_output else [spec.output]
+    names = output_names(e)
     dynamic = None
-    if spec.dynamic:
+    if e.dynamic:
         dynamic = {INPUT_NAME: axes, **{n: {0: "batch", 2: "height/4", 3: "width/4"} for n in names},
                    "labels": {0: "batch", 1: "height", 2: "width"}}
         dynamic = {k: v for k, v in dynamic.items() if k == INPUT_NAME or k in names}
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
-            torch.onnx.export(deploy, (dummy,), str(raw), opset_version=spec.opset, dynamo=False,
+            torch.onnx.export(deploy, (dummy,), str(raw), opset_version=e.opset, dynamo=False,
                               input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic,
                               do_constant_folding=True)
         graph = onnx.load(str(raw))
-        if simplify:
+        if e.simplify:
             graph = _simplify(graph)
         del graph.metadata_props[:]
-        for k, v in _metadata(model, spec, source_sha256).items():
+        for k, v in meta.onnx_props().items():
             graph.metadata_props.add(key=k, value=v)
         with atomic_path(path) as out:
             onnx.save(graph, str(out))
             try:
                 onnx.checker.check_model(str(out), full_check=True)
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"{path}: the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+            except onnx.checker.ValidationError as err:
+                raise ExportError(f"{path}: the exported graph fails onnx.checker: "
+                                  f"{str(err).splitlines()[0]}") from None
     return path
 
 
@@ -194,55 +150,26 @@ def finalize(path: Path) -> None:
         onnx.checker.check_model(str(out), full_check=True)
 
 
-class OrtRunner:
-    """An ONNX Runtime CPU session returning every graph output for one input batch."""
-
-    def __init__(self, path: Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise ExportError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(None, {INPUT_NAME: x})))
-
-
-def one_frame(run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: ExportSpec):
-    """A runner of a static batch-N graph taking one frame: the frame repeated N times, the first result kept."""
-    if spec.dynamic or spec.batch == 1:
-        return run
-    return lambda x: {k: v[:1] for k, v in run(np.repeat(x, spec.batch, axis=0)).items()}
-
-
-def torch_runner(model: SegFormer, spec: ExportSpec) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    deploy = DeployModel(model.cpu(), spec, with_logits=spec.output == "labels", fold=False)
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = deploy(torch.from_numpy(x))
-        if spec.output == "labels":
-            return {"labels": out[0].numpy(), "parity_logits": out[1].numpy()}
-        return {"logits": out.numpy()}
-
-    return run
+def graph_inputs(dataset, count: int, e: ExportConfig, norm: Normalization) -> list[np.ndarray]:
+    """`count` frames spread over `dataset` (all of it for count <= 0), each a batch of one as the graph takes it
+    (data.transforms.network_input at the export size): the parity and calibration frames."""
+    if len(dataset) == 0:
+        raise ExportError(f"{dataset}: no frames to check the export with")
+    return [network_input(dataset.read(i)[0], e.size, norm.mean, norm.std, e.input)[None]
+            for i in spread(len(dataset), count)]
 
 
 def _logits(out: dict[str, np.ndarray]) -> np.ndarray:
     return out["parity_logits"] if "parity_logits" in out else out["logits"]
 
 
-def parity(reference: Callable, candidate: Callable, inputs: Sequence[np.ndarray]) -> dict:
-    """Max abs logit difference and argmax agreement of `candidate` against `reference` on the same inputs;
-    for a labels graph the agreement is that of the labels it outputs."""
+def compare(reference: Backend, candidate: Backend, inputs: Sequence[np.ndarray]) -> dict:
+    """Two runners on the same inputs (Polygraphy's comparator): the max abs logit difference and the argmax
+    agreement of `candidate` against `reference`; for a labels graph the agreement is that of the labels it
+    outputs."""
     worst, same, total = 0.0, 0, 0
     for x in inputs:
-        a, b = reference(x), candidate(x)
+        a, b = reference.infer(x), candidate.infer(x)
         la, lb = _logits(a), _logits(b)
         worst = max(worst, float(np.abs(la.astype(np.float64) - lb.astype(np.float64)).max()))
         ids_a = a["labels"] if "labels" in a and "labels" in b else la.argmax(1)
@@ -260,63 +187,12 @@ def check_parity(result: dict, path: Path, max_diff: float = 1e-3, min_agreement
                           "the artifact was removed")
 
 
-def artifact_miou(run: Callable, pairs: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int,
-                  classes: Sequence[str]) -> EvalResult:
-    """mIoU of any runner at full label resolution: logits upsampled bilinearly to the label size, as the
-    PyTorch evaluator does, so every artifact and the PyTorch student are scored the same way."""
-    cm = ConfusionMatrix(num_classes)
-    for x, label in pairs:
-        logits = torch.from_numpy(np.asarray(_logits(run(x)), np.float32))
-        up = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
-        cm.update(up.argmax(1)[0], torch.from_numpy(label.astype(np.int64)))
-    return cm.result(classes)
-
-
-def sidecar(path: Path, model: SegFormer, spec: ExportSpec, **fields) -> Path:
-    """`<artifact>.json`: the graph contract, provenance and measurements, next to the artifact."""
-    import onnx
-    import onnxruntime
-
-    meta = model.meta
-    info = {
-        "artifact": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-        "variant": model.config.variant, "num_classes": model.config.num_classes, "classes": list(meta.classes),
-        "palette": [list(c) for c in meta.palette],
-        "normalization": {"mean": list(meta.mean), "std": list(meta.std), "space": "RGB, 0..255",
-                          "inside_graph": spec.input == "uint8"},
-        "spec": asdict(spec), "input": {"name": INPUT_NAME, "layout": INPUTS[spec.input]},
-        "output": {"name": spec.output, "layout": OUTPUTS[spec.output]},
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        **fields,
-    }
-    out = path.with_name(path.name + ".json")
-    write_json(out, info)
-    return out
-
-
 def remove(*paths: Path) -> None:
     for p in paths:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-@dataclass
-class ExportPlan:
-    """Which artifacts to make and how to check them (the `export.*` config keys)."""
-
-    spec: ExportSpec
-    fp16: bool = True
-    int8: bool = True
-    parity_frames: int = 8
-    calibration_frames: int = 32
-    calibration_method: str = "entropy"  # entropy | max
-    int8_backend: str = "modelopt"  # modelopt | ort (precision.to_int8)
-    eval_frames: int = 0  # validation frames scored per artifact; 0: the whole split
-    simplify: bool = True
-    parity_max_diff: float = 1e-3  # max |logit difference| of the FP32 ONNX against PyTorch
-    parity_min_agreement: float = 0.999  # argmax agreement of the FP32 ONNX with PyTorch
 
 
 def writable_dir(out_dir: Path) -> Path:
@@ -329,74 +205,87 @@ def writable_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def export_student(model: SegFormer, out_dir: Path, plan: ExportPlan, val_set, train_set,
+def check_export(e: ExportConfig) -> None:
+    """The export settings, checked where config.py checks them; the size must be resolved (export_size)."""
+    if min(e.size) < 1:
+        raise ExportError(f"export size {e.size[0]}x{e.size[1]}: resolve it first (pipeline.config.export_size)")
+    validate(Config(export=e))
+
+
+def export_student(model: SegFormer, out_dir: Path, e: ExportConfig, val_set, train_set,
                    source: Path | None = None) -> dict:
-    """student.onnx (parity-checked), student.fp16.onnx, student.int8.onnx and their sidecars in `out_dir`,
-    with the mIoU of every artifact next to the PyTorch student's; returns the report. On any failure no
-    artifact of this call is left behind."""
-    spec = plan.spec
-    spec.check()
+    """student.onnx (parity-checked), student.fp16.onnx and student.int8.onnx as `e` asks, each with its sidecar,
+    in `out_dir`: traced and checked against PyTorch, converted, finalized, then scored through Segmenter next to
+    the PyTorch student; returns the report. On any failure no artifact of this call is left behind."""
+    check_export(e)
     out_dir = writable_dir(Path(out_dir))
     model = model.cpu().eval()
-    mean, std, classes, k = model.meta.mean, model.meta.std, model.meta.classes, model.config.num_classes
-    source_sha = sha256_file(source) if source and Path(source).is_file() else ""
-    fp32, fp16, int8 = out_dir / "student.onnx", out_dir / "student.fp16.onnx", out_dir / "student.int8.onnx"
+    meta = onnx_metadata(model, e, source)
+    paths = {name: out_dir / artifacts.run_file(kind) for name, kind in KINDS.items()}
+    report: dict = {"spec": {k: getattr(e, k) for k in GRAPH_FIELDS}, "source": str(source or ""), "artifacts": {}}
     made: list[Path] = []
     try:
-        log.info("export: tracing %s (%s input, %s output, %dx%d%s) to %s", model.config.variant, spec.input,
-                 spec.output, *spec.size, ", dynamic" if spec.dynamic else "", fp32)
-        made.append(export_onnx(model, fp32, spec, source_sha, plan.simplify))
-        reference = torch_runner(model, spec)
-        checks = [x for x, _ in frames(val_set, plan.parity_frames, spec, mean, std)]
-        runners = {"fp32": one_frame(OrtRunner(fp32), spec)}
-        report: dict = {"spec": asdict(spec), "source": str(source or ""), "artifacts": {}}
-        par = parity(reference, runners["fp32"], checks)
-        check_parity(par, fp32, plan.parity_max_diff, plan.parity_min_agreement)
+        # the reference is the model as trained (fold=False), so parity also checks the reparameterisation
+        reference = TorchBackend(DeployModel(model, e, with_logits=e.output == "labels", fold=False), "cpu",
+                                 outputs=output_names(e))
+        checks = graph_inputs(val_set, e.parity_frames, e, meta.normalization)
+        log.info("export: tracing %s (%s input, %s output, %dx%d%s) to %s", model.config.variant, e.input,
+                 e.output, *e.size, ", dynamic" if e.dynamic else "", paths["fp32"])
+        made.append(export_onnx(model, paths["fp32"], e, meta))
+        par = compare(reference, OrtBackend(paths["fp32"], "cpu"), checks)
+        check_parity(par, paths["fp32"], e.parity_max_diff, e.parity_min_agreement)
         log.info("export: parity on %d frames: max |logit diff| %.2e, argmax agreement %.4f %%", par["frames"],
                  par["max_abs_logit_diff"], 100 * par["argmax_agreement"])
-        report["artifacts"]["fp32"] = {"file": fp32.name, "parity": par}
-        if plan.fp16 or plan.int8:
-            from pipeline import precision  # modelopt / onnxconverter-common: imported only when asked for
-        if plan.fp16:
-            made.append(fp16)
-            info = precision.to_fp16(fp32, fp16)
-            runners["fp16"] = one_frame(OrtRunner(fp16), spec)
-            report["artifacts"]["fp16"] = {"file": fp16.name, "parity": parity(reference, runners["fp16"], checks),
-                                           "conversion": info}
-        if plan.int8:
-            made.append(int8)
-            calib = [x for x, _ in frames(train_set, plan.calibration_frames, spec, mean, std)]
-            log.info("export: INT8 calibration on %d %s frames (%s, %s)", len(calib), train_set.split,
-                     plan.calibration_method, plan.int8_backend)
-            info = precision.to_int8(fp32, int8, np.concatenate(calib), method=plan.calibration_method,
-                                     backend=plan.int8_backend)
-            runners["int8"] = one_frame(OrtRunner(int8), spec)
-            report["artifacts"]["int8"] = {"file": int8.name, "parity": parity(reference, runners["int8"], checks),
-                                           "quantization": info}
-        pairs = frames(val_set, plan.eval_frames, spec, mean, std)
-        log.info("export: scoring PyTorch and %d ONNX artifact(s) on %d %s frames", len(runners), len(pairs),
-                 val_set.split)
-        torch_miou = artifact_miou(reference, pairs, k, classes)
-        report["pytorch"] = {"miou": torch_miou.miou, "pixel_acc": torch_miou.pixel_acc}
-        report["eval"] = {"dataset": val_set.name, "split": val_set.split, "frames": len(pairs),
-                          "resolution": "full label"}
-        for name, run in runners.items():
-            res = artifact_miou(run, pairs, k, classes)
-            entry = report["artifacts"][name]
-            entry.update(miou=res.miou, pixel_acc=res.pixel_acc, miou_delta_vs_pytorch=res.miou - torch_miou.miou)
-        del runners
-        for name, entry in report["artifacts"].items():
-            path = out_dir / entry["file"]
-            finalize(path)
-            entry["sha256"] = sha256_file(path)
-            made.append(sidecar(path, model, spec, precision=name, source_sha256=source_sha,
-                                parity=entry["parity"], miou=entry["miou"], pytorch_miou=torch_miou.miou,
-                                eval=report["eval"], **{k2: v for k2, v in entry.items()
-                                                        if k2 in ("conversion", "quantization")}))
+        report["artifacts"]["fp32"] = {"file": paths["fp32"].name, "parity": par}
+        for name in [n for n in ("fp16", "int8") if getattr(e, n)]:
+            made.append(paths[name])
+            info = convert(name, paths["fp32"], paths[name], e, train_set, meta.normalization)
+            report["artifacts"][name] = {"file": paths[name].name,
+                                         "parity": compare(reference, OrtBackend(paths[name], "cpu"), checks), **info}
+        for name in report["artifacts"]:
+            finalize(paths[name])
+        score_artifacts(model, e, val_set, report, out_dir, source, made)
     except BaseException:
         remove(*made)
         raise
     return report
+
+
+def convert(name: str, fp32: Path, dst: Path, e: ExportConfig, train_set, norm: Normalization) -> dict:
+    """The FP16 or INT8 variant of the FP32 graph (pipeline/precision.py); returns {"conversion" | "quantization":
+    what was done}."""
+    from pipeline import precision  # modelopt / onnxruntime.quantization: imported only when asked for
+
+    if name == "fp16":
+        return {"conversion": precision.to_fp16(fp32, dst)}
+    calib = graph_inputs(train_set, e.calibration_frames, e, norm)
+    log.info("export: INT8 calibration on %d %s frames (%s, %s)", len(calib), train_set.split, e.calibration_method,
+             e.int8_backend)
+    return {"quantization": precision.to_int8(fp32, dst, np.concatenate(calib), method=e.calibration_method,
+                                              backend=e.int8_backend)}
+
+
+def score_artifacts(model: SegFormer, e: ExportConfig, val_set, report: dict, out_dir: Path, source: Path | None,
+                    made: list[Path]) -> None:
+    """The PyTorch student and every finalized artifact scored the same way (evaluate.score through a Segmenter at
+    the export size); each artifact's sidecar written with its measurements (and added to `made`)."""
+    pytorch = Segmenter(TorchBackend(model, "cpu"), checkpoint_metadata(model, str(source or "")),
+                        Path(source or "student"), size=tuple(e.size))
+    reference = score(pytorch, val_set, e.eval_frames, progress=False)
+    frames = len(spread(len(val_set), e.eval_frames))
+    log.info("export: scoring PyTorch and %d ONNX artifact(s) on %d %s frames", len(report["artifacts"]), frames,
+             val_set.split)
+    report["pytorch"] = {"miou": reference.miou, "pixel_acc": reference.pixel_acc}
+    report["eval"] = {"dataset": val_set.name, "split": val_set.split, "frames": frames, "resolution": "full label"}
+    for entry in report["artifacts"].values():
+        path = out_dir / entry["file"]
+        seg = Segmenter.open(path, provider="cpu", size=tuple(e.size))
+        res = score(seg, val_set, e.eval_frames, progress=False)
+        entry.update(miou=res.miou, pixel_acc=res.pixel_acc, miou_delta_vs_pytorch=res.miou - reference.miou)
+        measured = {"parity": entry["parity"], "miou": res.miou, "pixel_acc": res.pixel_acc,
+                    "pytorch_miou": reference.miou, "eval": report["eval"]}
+        made.append(artifacts.sidecar_path(path))
+        entry["sha256"] = artifacts.write_sidecar(path, replace(seg.meta, measured=measured)).sha256
 
 
 def report_table(report: dict) -> str:

@@ -1,11 +1,13 @@
-"""Segmenter: one interface over every artifact (PyTorch checkpoint, ONNX of any precision, TensorRT engine):
-BGR uint8 frames in, class ids at the frames' own resolution out. Bench, accuracy, the ROS node and bag tools use it."""
+"""The runners: PyTorch, ONNX Runtime and TensorRT backends (run, infer, sync), and Segmenter over them.
+
+Segmenter takes BGR uint8 frames and gives class ids at the frames' own resolution; export parity, accuracy, bench, the
+ROS node and the bag tools all come through here. `ort_session` is the one ONNX Runtime session constructor
+(precision.py uses it for its converted-model smoke run and its entropy-calibration probe).
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -14,59 +16,80 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import artifacts
+from pipeline.artifacts import ENGINE_SUFFIXES, Metadata
+from pipeline.data.transforms import network_input
 from pipeline.errors import InputError
 
-ENGINE_SUFFIXES = (".plan", ".engine")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCH_MODES = ("eager", "compile", "cudagraph")
 
 
-@dataclass
-class Contract:
-    """What a network takes and gives (from the ONNX metadata, the engine sidecar or the checkpoint's meta)."""
-
-    input: str  # "float": N x 3 x H x W normalised RGB; "uint8": N x H x W x 3 BGR as the camera gives it
-    output: str  # "logits": N x classes x H/4 x W/4; "labels": N x H x W class ids
-    size: tuple[int, int] | None  # the fixed H x W of a static network; None: the frame's own size (or `size=`)
-    batch: int | None  # the fixed batch of a static network; None: any
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: list[str]
-    palette: list[tuple[int, int, int]]
-    precision: str = "fp32"
-    variant: str = ""
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], shape: Sequence[int | str], precision: str, source: Path) -> Contract:
-        """From an exported graph's metadata props (pipeline/export.py) and its input shape."""
-        try:
-            kind = meta["input"]
-            dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
-            hw = (dims[1], dims[2]) if kind == "uint8" else (dims[2], dims[3])
-            return cls(kind, meta["output"], hw if None not in hw else None, dims[0],
-                       tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), json.loads(meta["classes"]),
-                       [tuple(c) for c in json.loads(meta["palette"])], precision, meta.get("variant", ""))
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise InputError(f"{source}: not a graph exported by this pipeline (metadata {e} missing or malformed; "
-                             "re-export it with `python -m pipeline.run export`)") from None
-
-
 class Backend(Protocol):
-    """Runs the network on one prepared batch; `sync` waits for queued device work (for timing)."""
+    """Runs the network on one prepared batch: `run` gives the primary output (the deployed contract's one), `infer`
+    every output by name as host arrays; `sync` waits for queued device work (for timing)."""
 
     name: str
     device: str
 
     def run(self, x: np.ndarray) -> np.ndarray | torch.Tensor: ...
 
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
     def sync(self) -> None: ...
 
 
+def resolve_provider(provider: str) -> tuple[str, list[str]]:
+    """(provider, ONNX Runtime provider chain) for cpu, cuda, tensorrt or auto (the fastest one installed)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "auto":
+        provider = next((p for p in ("tensorrt", "cuda") if PROVIDERS[p] in available), "cpu")
+    if provider not in PROVIDERS:
+        raise InputError(f"provider {provider!r}: expected auto, {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in available:
+        raise InputError(f"provider {provider}: ONNX Runtime {ort.__version__} here offers only "
+                         f"{', '.join(available)} (the GPU providers come with onnxruntime-gpu)")
+    order = ["tensorrt", "cuda", "cpu"]  # each falls back to the next for the nodes it does not take
+    return provider, [PROVIDERS[p] for p in order[order.index(provider):] if PROVIDERS[p] in available]
+
+
+def ort_session(path: str | Path, provider: str = "cpu", threads: int = 0):
+    """The one place an ONNX Runtime InferenceSession is made: every graph optimisation, errors-only logging (Q/DQ
+    and FP16 graphs log a note per scale it cannot constant-fold and per kernel the CPU lacks, none of them
+    failures), `threads` intra-op threads (0: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    _, chain = resolve_provider(provider)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=chain)
+    except Exception as e:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
+        raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+
+
+def _fill_batch(x: np.ndarray, batch: int | None) -> np.ndarray:
+    """`x` repeated up to a static batch (its last frame again), so a fixed-batch network takes fewer frames; the
+    caller keeps the first len(x) results."""
+    if batch is None or len(x) >= batch:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+
+
 class TorchBackend:
+    """A PyTorch module on `device` in `dtype` (autocast), eager, torch.compile'd or replayed as a CUDA graph; `outputs`
+    names what the module returns (a tensor, or a tuple of them)."""
+
     name = "torch"
 
-    def __init__(self, model, device: str = "auto", dtype: str = "fp32", mode: str = "eager") -> None:
+    def __init__(self, model, device: str = "auto", dtype: str = "fp32", mode: str = "eager",
+                 outputs: Sequence[str] = ("logits",)) -> None:
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if mode not in TORCH_MODES:
@@ -77,18 +100,22 @@ class TorchBackend:
             raise InputError(f"device {device!r}: no CUDA GPU is visible to PyTorch here")
         if mode == "cudagraph" and not device.startswith("cuda"):
             raise InputError("torch mode cudagraph: needs a CUDA device")
-        self.device, self.dtype, self.mode = device, DTYPES[dtype], mode
+        self.device, self.dtype, self.mode, self.precision = device, DTYPES[dtype], mode, dtype
+        self.outputs = list(outputs)
         self.model = model.to(device).eval()
         if device.startswith("cuda"):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if mode == "compile" else self.model
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_in = self.static_out = torch.empty(0)
+        self.static_in = torch.empty(0)
+        self.static_out: tuple[torch.Tensor, ...] = ()
 
-    def _call(self, t: torch.Tensor) -> torch.Tensor:
+    def _call(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # autocast, as in training: LayerNorm and Softmax stay FP32, matmuls and convs run in fp16 / bf16
         with torch.inference_mode(), torch.autocast(t.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            return self.forward(t).float()
+            out = self.forward(t)
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
 
     def _capture(self, x: np.ndarray) -> None:
         """One CUDA graph for this input shape: warm-up on a side stream, then capture (PyTorch's recipe)."""
@@ -103,7 +130,7 @@ class TorchBackend:
         with torch.cuda.graph(self.graph):
             self.static_out = self._call(self.static_in)
 
-    def run(self, x: np.ndarray) -> torch.Tensor:
+    def _outputs(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         if self.mode != "cudagraph":
             return self._call(torch.from_numpy(x).to(self.device, non_blocking=True))
         if self.graph is None or tuple(self.static_in.shape) != x.shape:
@@ -113,52 +140,41 @@ class TorchBackend:
         self.graph.replay()
         return self.static_out
 
+    def run(self, x: np.ndarray) -> torch.Tensor:
+        """The first output, on the backend's device (a CUDA graph's own buffer, which the next call overwrites)."""
+        return self._outputs(x)[0]
+
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: t.cpu().numpy() for name, t in zip(self.outputs, self._outputs(x))}
+
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
 
 class OrtBackend:
-    """ONNX Runtime with input and (static) output buffers bound once and reused on every call."""
+    """ONNX Runtime with the input and the (static) primary output bound once and reused on every `run`."""
 
     name = "onnxruntime"
 
     def __init__(self, path: Path, provider: str = "auto", threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        if provider == "auto":
-            provider = next((p for p in ("tensorrt", "cuda") if PROVIDERS[p] in available), "cpu")
-        if provider not in PROVIDERS:
-            raise InputError(f"provider {provider!r}: expected auto, {', '.join(PROVIDERS)}")
-        if PROVIDERS[provider] not in available:
-            raise InputError(f"provider {provider}: ONNX Runtime {ort.__version__} here offers only "
-                             f"{', '.join(available)} (the GPU providers come with onnxruntime-gpu)")
-        order = ["tensorrt", "cuda", "cpu"]  # each falls back to the next for the nodes it does not take
-        chain = [PROVIDERS[p] for p in order[order.index(provider):] if PROVIDERS[p] in available]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors only: Q/DQ graphs log a warning per scale it cannot constant-fold
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=chain)
-        except Exception as e:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
-            raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
-        self.device = "cuda" if provider != "cpu" else "cpu"
-        self.provider = provider
-        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
-        self.input_name, self.output_name = inp.name, out.name
+        self.provider, _ = resolve_provider(provider)
+        self.session = ort_session(path, self.provider, threads)
+        self.device = "cuda" if self.provider != "cpu" else "cpu"
+        (inp,), outs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name, self.outputs = inp.name, [o.name for o in outs]
+        self.output_name = self.outputs[0]
+        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.binding = self.session.io_binding()
         # a static output is written straight into one buffer, bound once; a dynamic one is allocated per call
         self.out = None
-        if all(isinstance(d, int) for d in out.shape):
-            self.out = np.empty(out.shape, np.int32 if "int32" in out.type else np.float32)
+        if all(isinstance(d, int) for d in outs[0].shape):
+            self.out = np.empty(outs[0].shape, np.int32 if "int32" in outs[0].type else np.float32)
             self.binding.bind_output(self.output_name, "cpu", 0, self.out.dtype, list(self.out.shape),
                                      self.out.ctypes.data)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The output for `x`; a static output is returned in the backend's own buffer, which the next call
+        """The primary output for `x`; a static output is returned in the backend's own buffer, which the next call
         overwrites."""
         b = self.binding
         b.bind_cpu_input(self.input_name, x)
@@ -166,6 +182,11 @@ class OrtBackend:
             b.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(b)
         return self.out if self.out is not None else b.copy_outputs_to_cpu()[0]
+
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output for `x`, in new arrays; a fixed-batch graph takes fewer frames (see _fill_batch)."""
+        out = self.session.run(None, {self.input_name: _fill_batch(x, self.batch)})
+        return {name: v[:len(x)] for name, v in zip(self.outputs, out)}
 
     def sync(self) -> None:
         pass  # run_with_iobinding returns when the outputs are in host memory
@@ -187,28 +208,32 @@ class TrtBackend:
             self.runner.set_input_shape(x.shape)
         return self.runner.infer(x)
 
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.runner.output_name: np.array(self.run(x))}  # a copy: run returns the runner's pinned buffer
+
     def sync(self) -> None:
         pass  # infer synchronises its stream
 
 
 class Segmenter:
-    """`Segmenter.open(path)`, then `predict(bgr)` -> class ids (uint8) at the frame's resolution."""
+    """`Segmenter.open(path)`, then `predict(bgr)` -> class ids (uint8) at the frame's resolution. The network's
+    contract (input, output, size, batch), classes, palette and normalisation come from the artifact's record
+    (`meta`, an artifacts.Metadata)."""
 
-    def __init__(self, backend: Backend, contract: Contract, path: Path, size: tuple[int, int] | None = None,
+    def __init__(self, backend: Backend, meta: Metadata, path: str | Path, size: tuple[int, int] | None = None,
                  default_size: tuple[int, int] | None = None) -> None:
-        self.backend, self.contract, self.path = backend, contract, path
-        if size is not None and contract.size is not None and tuple(size) != contract.size:
+        self.backend, self.meta, self.contract, self.path = backend, meta, meta.contract, Path(path)
+        fixed = self.contract.fixed_size
+        if size is not None and fixed is not None and tuple(size) != fixed:
             raise InputError(f"{path}: size {size[0]}x{size[1]} asked, but the network is fixed at "
-                             f"{contract.size[0]}x{contract.size[1]}")
+                             f"{fixed[0]}x{fixed[1]}")
         wanted = size or default_size
-        self.size = contract.size or (tuple(wanted) if wanted else None)
-        if len(contract.classes) > 256:
-            raise InputError(f"{path}: {len(contract.classes)} classes do not fit the uint8 class-id map")
+        self.size = fixed or (tuple(wanted) if wanted else None)
+        if len(meta.classes) > 256:
+            raise InputError(f"{path}: {len(meta.classes)} classes do not fit the uint8 class-id map")
         self._lut = np.zeros((256, 3), np.uint8)
-        self._lut[:len(contract.palette)] = np.asarray(contract.palette, np.uint8).reshape(-1, 3)
+        self._lut[:len(meta.palette)] = np.asarray(meta.palette, np.uint8).reshape(-1, 3)
         self._bufs: list[np.ndarray] = []  # network input batches, allocated once per shape and reused
-        self._mean = np.asarray(contract.mean, np.float32)
-        self._std = np.asarray(contract.std, np.float32)
 
     # ------------------------------------------------------------------------------------------------ opening
     @classmethod
@@ -224,45 +249,25 @@ class Segmenter:
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such artifact")
-        if path.suffix in ENGINE_SUFFIXES:
-            return cls._open_engine(path, size, default_size)
+        if path.suffix in ENGINE_SUFFIXES:  # the record first: a missing or foreign one is refused before loading
+            meta = artifacts.read_sidecar(path)
+            return cls(TrtBackend(path), meta, path, size, default_size)
         if path.suffix == ".onnx":
-            from trt.build import inspect_onnx
-
-            info = inspect_onnx(path)
-            if len(info.inputs) != 1 or len(info.outputs) != 1:
-                raise InputError(f"{path}: expected one input and one output, found {len(info.inputs)} and "
-                                 f"{len(info.outputs)}")
-            contract = Contract.from_metadata(info.metadata, info.inputs[0].shape, info.precision, path)
-            return cls(OrtBackend(path, provider, threads), contract, path, size, default_size)
+            meta = onnx_record(path)
+            return cls(OrtBackend(path, provider, threads), meta, path, size, default_size)
         from pipeline.models import deploy_copy, load_model
+        from pipeline.models.checkpoints import checkpoint_metadata
 
         model = load_model(path)
+        meta = checkpoint_metadata(model, source=str(path))
         if deploy:
             model = deploy_copy(model)
-        meta = model.meta
-        contract = Contract("float", "logits", None, None, tuple(meta.mean), tuple(meta.std), list(meta.classes),
-                            [tuple(c) for c in meta.palette], dtype, model.config.variant)
-        return cls(TorchBackend(model, device, dtype, mode), contract, path, size, default_size)
-
-    @classmethod
-    def _open_engine(cls, path: Path, size: tuple[int, int] | None,
-                     default_size: tuple[int, int] | None) -> Segmenter:
-        from trt.runtime import load_sidecar
-
-        side = load_sidecar(path)
-        try:
-            (inp,) = side["inputs"]
-            shape = [d if isinstance(d, int) else "?" for d in inp["shape"]]
-        except (KeyError, ValueError, TypeError):
-            raise InputError(f"{path}.json: expected one input with a shape in 'inputs'") from None
-        contract = Contract.from_metadata(side.get("metadata", {}), shape, side.get("precision", "?"), path)
-        return cls(TrtBackend(path), contract, path, size, default_size)
+        return cls(TorchBackend(model, device, dtype, mode), meta, path, size, default_size)
 
     # ------------------------------------------------------------------------------------------------ the path
     @property
     def classes(self) -> list[str]:
-        return self.contract.classes
+        return self.meta.classes
 
     def _frames(self, images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
         if isinstance(images, np.ndarray) and images.ndim not in (3, 4):
@@ -279,40 +284,27 @@ class Segmenter:
 
     def preprocess(self, images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
         """The network inputs for `images`, in batches of the network's fixed batch (the last one padded with
-        zeros) or one batch. Every frame is resized to the network size (INTER_LINEAR, as in evaluation and
-        calibration); with no fixed size all frames must share one. The returned arrays are reused by the next
-        call: copy them to keep them."""
+        zeros) or one batch. Every frame goes through data.transforms.network_input (the preprocessing of
+        training evaluation and of the export's parity check and calibration); with no fixed size all frames must
+        share one. The returned arrays are reused by the next call: copy them to keep them."""
         frames = self._frames(images)
         h, w = self.size or frames[0].shape[:2]
         if self.size is None and any(f.shape[:2] != (h, w) for f in frames):
             raise InputError(f"{self.path.name}: frames of different sizes in one batch and no network size set")
-        per = self.contract.batch or len(frames)
-        shape = (per, h, w, 3) if self.contract.input == "uint8" else (per, 3, h, w)
-        dtype = np.uint8 if self.contract.input == "uint8" else np.float32
+        c, norm = self.contract, self.meta.normalization
+        per = c.batch or len(frames)
+        shape = (per, h, w, 3) if c.input == "uint8" else (per, 3, h, w)
         count = -(-len(frames) // per)
         if self._bufs and self._bufs[0].shape != shape:
             self._bufs = []
         while len(self._bufs) < count:
-            self._bufs.append(np.empty(shape, dtype))
+            self._bufs.append(np.empty(shape, np.uint8 if c.input == "uint8" else np.float32))
         for k in range(count):
             chunk = frames[k * per:(k + 1) * per]
             for i, f in enumerate(chunk):
-                self._fill(self._bufs[k], i, f, h, w)
+                network_input(f, (h, w), norm.mean, norm.std, c.input, bgr=True, out=self._bufs[k][i])
             self._bufs[k][len(chunk):] = 0
         return self._bufs[:count]
-
-    def _fill(self, buf: np.ndarray, i: int, frame: np.ndarray, h: int, w: int) -> None:
-        same = frame.shape[:2] == (h, w)
-        if self.contract.input == "uint8":
-            if same:
-                buf[i] = frame
-            else:
-                cv2.resize(frame, (w, h), dst=buf[i], interpolation=cv2.INTER_LINEAR)
-            return
-        rgb = (frame if same else cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR))[:, :, ::-1]
-        for c in range(3):  # (x - mean) / std straight into the NCHW buffer, as export.graph_input computes it
-            np.subtract(rgb[:, :, c], self._mean[c], out=buf[i, c], dtype=np.float32)
-            np.divide(buf[i, c], self._std[c], out=buf[i, c])
 
     def postprocess(self, out: np.ndarray | torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Class ids at each frame's size: logits upsampled bilinearly then argmax (as the evaluator scores them),
@@ -360,12 +352,33 @@ class Segmenter:
         return cv2.addWeighted(rgb, alpha, np.ascontiguousarray(image[:, :, ::-1]), 1.0 - alpha, 0.0)
 
     def describe(self) -> dict:
-        c = self.contract
-        return {"artifact": str(self.path), "backend": self.backend.name, "device": self.backend.device,
-                "precision": c.precision, "input": c.input, "output": c.output,
-                "size": list(self.size) if self.size else None, "batch": c.batch, "variant": c.variant,
-                **({"provider": self.backend.provider} if isinstance(self.backend, OrtBackend) else {}),
-                **({"mode": self.backend.mode} if isinstance(self.backend, TorchBackend) else {})}
+        c, b = self.contract, self.backend
+        return {"artifact": str(self.path), "backend": b.name, "device": b.device,
+                "precision": b.precision if isinstance(b, TorchBackend) else self.meta.precision,
+                "input": c.input, "output": c.output, "size": list(self.size) if self.size else None,
+                "batch": c.batch, "variant": self.meta.variant,
+                **({"provider": b.provider} if isinstance(b, OrtBackend) else {}),
+                **({"mode": b.mode} if isinstance(b, TorchBackend) else {})}
 
 
-__all__ = ["Contract", "OrtBackend", "Segmenter", "TorchBackend", "TrtBackend"]
+def onnx_record(path: Path) -> Metadata:
+    """The record an exported graph carries (artifacts.read_onnx), checked against the graph it sits in: one input
+    and one output, and the input shape the record's contract describes."""
+    from trt.build import inspect_onnx
+
+    info = inspect_onnx(path)
+    if len(info.inputs) != 1 or len(info.outputs) != 1:
+        raise InputError(f"{path}: expected one input and one output, found {len(info.inputs)} and "
+                         f"{len(info.outputs)}")
+    meta = artifacts.read_onnx(info.metadata, str(path))
+    c = meta.contract
+    if not c.dynamic and c.size:
+        want = [c.batch, *c.size, 3] if c.input == "uint8" else [c.batch, 3, *c.size]
+        got = list(info.inputs[0].shape)
+        if got != want:
+            raise InputError(f"{path}: the graph takes {'x'.join(map(str, got))} but its record says "
+                             f"{'x'.join(map(str, want))}")
+    return meta
+
+
+__all__ = ["Backend", "OrtBackend", "Segmenter", "TorchBackend", "TrtBackend", "onnx_record", "ort_session"]

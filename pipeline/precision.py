@@ -12,12 +12,16 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import artifacts
+from pipeline.config import check_choice
 from pipeline.errors import ExportError
+from pipeline.infer import ort_session
 from pipeline.io import atomic_path
 
 log = logging.getLogger("pipeline")
@@ -185,19 +189,29 @@ def _prune(model) -> None:
         graph.initializer.remove(init)
 
 
-def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[str, str]) -> None:
-    """Stamp the source's metadata, check the graph, run it once in ONNX Runtime CPU and move it onto `dst`."""
+def _stamp(model, source, src: Path, precision: str, details: dict, tool: tuple[str, str]) -> None:
+    """The source graph's metadata on the converted one; the pipeline's record (artifacts.Metadata), where the source
+    carries one, becomes the derived kind's record (onnx-fp16, onnx-int8) with what was done in `details`."""
+    props = {p.key: p.value for p in source.metadata_props}
+    if artifacts.ONNX_KEY in props:
+        meta = artifacts.read_onnx(props, str(src))
+        props |= replace(meta, kind=f"onnx-{precision}", precision=precision,
+                         versions={**meta.versions, tool[0]: tool[1]},
+                         details={**details, "source_file": src.name}).onnx_props()
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def _finish(model, dst: Path, feed: np.ndarray | None) -> None:
+    """Check the graph, run it once in ONNX Runtime CPU and move it onto `dst`."""
     import onnx
 
-    meta = {p.key: p.value for p in source.metadata_props} | extra_meta
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))
-            sess = _cpu_session(tmp)
+            sess = ort_session(tmp)
             inp = sess.get_inputs()[0]
             if feed is None:
                 _, dtype, dims = _graph_input(model, dst)
@@ -207,16 +221,6 @@ def _finish(model, source, dst: Path, feed: np.ndarray | None, extra_meta: dict[
         except Exception as e:
             raise ExportError(f"{dst}: the converted model does not run in ONNX Runtime CPU "
                               f"({_first_line(e)})") from None
-
-
-def _cpu_session(path: Path):
-    """ONNX Runtime CPU session that logs errors only (Q/DQ and FP16 graphs log notes about constant folding and
-    kernels the CPU lacks that are not failures)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _summary(model) -> dict:
@@ -248,12 +252,14 @@ def to_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP32_OPS) -> di
     except Exception as e:
         raise ExportError(f"{src}: FP16 conversion with nvidia-modelopt {tool_version} failed "
                           f"({_first_line(e)})") from None
-    kept = sum(n.op_type in keep_fp32_ops for n in model.graph.node)
-    _finish(model, source, dst, None, {"precision": "fp16"})
-    return {"precision": "fp16", "tool": "nvidia-modelopt autocast (convert_to_f16)", "version": tool_version,
-            "fp32_op_types": list(keep_fp32_ops), "fp32_nodes": kept, "io_types_kept": True,
+    info = {"precision": "fp16", "tool": "nvidia-modelopt autocast (convert_to_f16)", "version": tool_version,
+            "fp32_op_types": list(keep_fp32_ops),
+            "fp32_nodes": sum(n.op_type in keep_fp32_ops for n in model.graph.node), "io_types_kept": True,
             "fp16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer),
             **_summary(model)}
+    _stamp(model, source, src, "fp16", {"conversion": info}, ("nvidia-modelopt", tool_version))
+    _finish(model, dst, None)
+    return info
 
 
 def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "entropy", backend: str = "modelopt",
@@ -271,63 +277,75 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "entrop
     import onnx
 
     src, dst = Path(src), Path(dst)
-    if method not in ("entropy", "max"):
-        raise ExportError(f"calibration method {method!r}: expected 'entropy' or 'max'")
-    if backend not in ("modelopt", "ort"):
-        raise ExportError(f"quantization backend {backend!r}: expected 'modelopt' or 'ort'")
-    if high_precision not in ("fp16", "fp32"):
-        raise ExportError(f"high_precision {high_precision!r}: expected 'fp16' or 'fp32'")
+    check_choice("export.calibration_method", method)
+    check_choice("export.int8_backend", backend)
     source = _load(src)
-    name, dtype, dims = _graph_input(source, src)
-    frames = _calibration_frames(calibration, name, dtype, dims)
-    # A static batch B takes the frames B at a time; a dynamic one, one at a time.
-    step = dims[0] or 1
-    usable = len(frames) - len(frames) % step
-    if usable == 0:
-        raise ExportError(f"calibration data: {len(frames)} frame(s) for a graph with static batch {step}; "
-                          f"expected at least {step}")
-    frames = frames[:usable]
+    name, frames, step = _calibration_batches(source, src, calibration)
     excluded = output_tail(source) if exclude_last_classifier else []
     if exclude_last_classifier and not excluded:
         log.warning("%s: no Conv classifier found before the output; nothing excluded for it", src)
-    op_excluded = [n.name for n in source.graph.node if n.op_type in exclude_op_types]
+    skipped = [n.name for n in source.graph.node if n.op_type in exclude_op_types] + excluded
     if backend == "modelopt":
-        tool, tool_version = "nvidia-modelopt onnx PTQ", _require_modelopt("INT8 quantization")
+        tool, dist, tool_version = "nvidia-modelopt onnx PTQ", "nvidia-modelopt", _require_modelopt("INT8 quantization")
     else:
-        tool, tool_version, high_precision = "onnxruntime quantize_static (QDQ)", _version("onnxruntime"), "fp32"
+        tool, dist, tool_version, high_precision = ("onnxruntime quantize_static (QDQ)", "onnxruntime",
+                                                    _version("onnxruntime"), "fp32")
     _check_dst(dst)
 
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
         work, out = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save(source, str(work))  # named nodes, external data inlined; the tools write beside it
         if backend == "modelopt":
-            np.save(Path(tmp) / "calibration.npy", frames)
-            job = {"onnx_path": str(work), "calibration": str(Path(tmp) / "calibration.npy"), "quantize_mode": "int8",
-                   "calibration_method": method, "calibration_eps": ["cpu"],
-                   "calibration_shapes": f"{name}:" + "x".join(map(str, (step, *frames.shape[1:]))),
-                   "op_types_to_exclude": list(exclude_op_types),
+            job = {"calibration_method": method, "op_types_to_exclude": list(exclude_op_types),
                    "nodes_to_exclude": [re.escape(n) + "$" for n in excluded],  # modelopt matches regexes
-                   "op_types_to_exclude_fp16": list(keep_fp32_ops), "high_precision_dtype": high_precision,
-                   "output_path": str(out), "log_level": "WARNING"}
-            _run_child(_MODELOPT_CHILD, json.dumps(job), src, f"nvidia-modelopt {tool_version}")
+                   "op_types_to_exclude_fp16": list(keep_fp32_ops), "high_precision_dtype": high_precision}
+            _modelopt_quantize(work, out, name, frames, step, job, src, f"nvidia-modelopt {tool_version}")
         else:
-            _ort_quantize(work, out, name, frames, step, method, op_excluded + excluded, src)
+            _ort_quantize(work, out, name, frames, step, method, skipped, src)
         try:
             model = onnx.load(str(out))
         except Exception as e:
             raise ExportError(f"{src}: {tool} wrote no readable model ({_first_line(e)})") from None
-        bypassed = _bypass_qdq(model, op_excluded + excluded)
-        _finish(model, source, dst, frames[:step], {"precision": "int8", "int8_calibration": method})
+        bypassed = _bypass_qdq(model, skipped)
+        info = {"precision": "int8", "backend": backend, "tool": tool, "version": tool_version, "method": method,
+                "frames": len(frames), "calibration_batch": step, "high_precision": high_precision,
+                "excluded_op_types": list(exclude_op_types), "excluded_nodes": excluded,
+                "quantized_nodes": _quantized_nodes(model), "qdq_bypassed": bypassed,
+                "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node), **_summary(model)}
+        _stamp(model, source, src, "int8", {"quantization": info}, (dist, tool_version))
+        _finish(model, dst, frames[:step])
+    return info
 
+
+def _calibration_batches(source, src: Path, calibration) -> tuple[str, np.ndarray, int]:
+    """(input name, frames, step): the calibration frames checked against the graph's input and cut to whole
+    batches; a static batch B takes the frames B at a time (step B), a dynamic one, one at a time."""
+    name, dtype, dims = _graph_input(source, src)
+    frames = _calibration_frames(calibration, name, dtype, dims)
+    step = dims[0] or 1
+    usable = len(frames) - len(frames) % step
+    if usable == 0:
+        raise ExportError(f"calibration data: {len(frames)} frame(s) for a graph with static batch {step}; "
+                          f"expected at least {step}")
+    return name, frames[:usable], step
+
+
+def _quantized_nodes(model) -> int:
+    """Computing nodes that read a DequantizeLinear output."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    quantized = sorted({n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear",
-                                                                               "Shape", "Cast")
-                        and any(getattr(producer.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)})
-    return {"precision": "int8", "backend": backend, "tool": tool, "version": tool_version, "method": method,
-            "frames": int(usable), "calibration_batch": step, "high_precision": high_precision,
-            "excluded_op_types": list(exclude_op_types), "excluded_nodes": excluded,
-            "quantized_nodes": len(quantized), "qdq_bypassed": bypassed,
-            "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node), **_summary(model)}
+    return len({n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape",
+                                                                       "Cast")
+                and any(getattr(producer.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)})
+
+
+def _modelopt_quantize(work: Path, out: Path, name: str, frames: np.ndarray, step: int, job: dict, src: Path,
+                       tool: str) -> None:
+    """Model Optimizer's ONNX PTQ of `work` into `out`, calibrated on `frames` with ONNX Runtime CPU, in a child."""
+    np.save(work.with_name("calibration.npy"), frames)
+    job = {"onnx_path": str(work), "calibration": str(work.with_name("calibration.npy")), "quantize_mode": "int8",
+           "calibration_eps": ["cpu"], "calibration_shapes": f"{name}:" + "x".join(map(str, (step, *frames.shape[1:]))),
+           **job, "output_path": str(out), "log_level": "WARNING"}
+    _run_child(_MODELOPT_CHILD, json.dumps(job), src, tool)
 
 
 def _run_child(code: str, arg: str, src: Path, tool: str) -> None:
@@ -394,7 +412,7 @@ def _entropy_ranges(work: Path, feeds: list[dict], exclude: list[str]) -> dict[s
                               for t in wanted if t not in outputs)
     probe = work.with_name("probe.onnx")
     onnx.save(model, str(probe))
-    sess = _cpu_session(probe)
+    sess = ort_session(probe)
     # two passes: the largest |x| of each tensor fixes its histogram's range, then the histograms
     amax = dict.fromkeys(wanted, 0.0)
     for feed in feeds:

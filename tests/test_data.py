@@ -20,16 +20,16 @@ from pipeline.data import (
     build_dataset,
     ensure_synthetic,
     generate_synthetic,
-    normalize,
+    network_input,
 )
 from pipeline.data.classes import CITYSCAPES_CLASSES, NYUV2_CLASSES, VOC_CLASSES, VOC_PALETTE
-from pipeline.errors import DataError
-from pipeline.models.segformer import IMAGENET_MEAN
+from pipeline.errors import DataError, InputError
+from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 8, 4, (64, 128), 0, progress=False)
+def root(synthetic) -> Path:
+    return synthetic(8, 4, (64, 128))
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -96,8 +96,8 @@ def test_synthetic_is_deterministic_per_seed(tmp_path):
     assert not list(tmp_path.glob(".*")), "the temp folder was left behind"
 
 
-def test_synthetic_reads_as_cityscapes_with_every_class(synthetic):
-    train, val = build_dataset("synthetic", synthetic, "train"), build_dataset("cityscapes", synthetic, "val")
+def test_synthetic_reads_as_cityscapes_with_every_class(root):
+    train, val = build_dataset("synthetic", root, "train"), build_dataset("cityscapes", root, "val")
     assert (len(train), len(val)) == (8, 4)
     assert train.classes == list(CITYSCAPES_CLASSES) and train.num_classes == 19 and train.ignore_index == 255
     seen = set()
@@ -114,13 +114,13 @@ def test_synthetic_reads_as_cityscapes_with_every_class(synthetic):
     assert sample["label"].dtype == torch.int64 and sample["index"] == 3 and sample["name"] == train.name_of(3)
 
 
-def test_ensure_synthetic_reuses_regenerates_and_refuses(tmp_path, synthetic):
-    stamp = (synthetic / "synthetic.json").stat().st_mtime_ns
-    assert ensure_synthetic(synthetic, 8, 4, (64, 128), 0, progress=False) == synthetic
-    assert (synthetic / "synthetic.json").stat().st_mtime_ns == stamp
-    root = ensure_synthetic(tmp_path / "s", 2, 1, (64, 64), 0, progress=False)
-    ensure_synthetic(root, 3, 1, (64, 64), 0, progress=False)
-    assert len(build_dataset("synthetic", root, "train")) == 3
+def test_ensure_synthetic_reuses_regenerates_and_refuses(tmp_path, root):
+    stamp = (root / "synthetic.json").stat().st_mtime_ns
+    assert ensure_synthetic(root, 8, 4, (64, 128), 0, progress=False) == root
+    assert (root / "synthetic.json").stat().st_mtime_ns == stamp
+    small = ensure_synthetic(tmp_path / "s", 2, 1, (64, 64), 0, progress=False)
+    ensure_synthetic(small, 3, 1, (64, 64), 0, progress=False)
+    assert len(build_dataset("synthetic", small, "train")) == 3
     mine = tmp_path / "mine"
     (mine / "keep.txt").parent.mkdir()
     (mine / "keep.txt").write_text("user data")
@@ -254,7 +254,29 @@ def test_eval_transform_keeps_full_resolution_label():
     image, target = EvalTransform(size=(32, 64))(rgb, label)
     assert image.shape == (3, 32, 65) and torch.equal(target, torch.from_numpy(label).long())
     mean = np.broadcast_to(np.round(IMAGENET_MEAN).astype(np.uint8), (2, 2, 3))
-    assert normalize(mean).abs().max() < 0.01
+    assert np.abs(network_input(mean, None, IMAGENET_MEAN, IMAGENET_STD)).max() < 0.01
+
+
+def test_network_input_is_one_preprocessing_for_rgb_bgr_float_and_uint8():
+    """The one network-input function: RGB or BGR frames in, a float (normalised) or uint8 (camera BGR) network
+    input out, at the size asked, into a caller's buffer when given."""
+    rgb, _ = two_halves(50, 101)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    x = network_input(rgb, (32, 64), IMAGENET_MEAN, IMAGENET_STD)
+    small = cv2.resize(rgb, (64, 32), interpolation=cv2.INTER_LINEAR)
+    expected = (small.astype(np.float32) - np.float32(IMAGENET_MEAN)) * (1 / np.float32(IMAGENET_STD))
+    assert x.shape == (3, 32, 64) and x.dtype == np.float32 and np.array_equal(x, expected.transpose(2, 0, 1))
+    assert np.array_equal(network_input(bgr, (32, 64), IMAGENET_MEAN, IMAGENET_STD, bgr=True), x)
+    buf = np.zeros((2, 3, 32, 64), np.float32)
+    network_input(bgr, (32, 64), IMAGENET_MEAN, IMAGENET_STD, bgr=True, out=buf[1])
+    assert np.array_equal(buf[1], x) and not buf[0].any()
+    u8 = network_input(rgb, (32, 64), IMAGENET_MEAN, IMAGENET_STD, "uint8")
+    assert u8.dtype == np.uint8 and np.array_equal(u8, small[:, :, ::-1])
+    out = np.zeros((32, 64, 3), np.uint8)
+    network_input(bgr, (32, 64), IMAGENET_MEAN, IMAGENET_STD, "uint8", bgr=True, out=out)
+    assert np.array_equal(out, u8)
+    with pytest.raises(InputError, match="H x W x 3"):
+        network_input(rgb[:, :, 0], None, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_dataset_seeds_and_pickles(tmp_path):

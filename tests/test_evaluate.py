@@ -13,25 +13,19 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
+from pipeline.data import EvalTransform, build_dataset
 from pipeline.data.classes import CITYSCAPES_LABEL_IDS
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate import ConfusionMatrix, evaluate, write_cityscapes
+from pipeline.evaluate import ConfusionMatrix, evaluate, score, spread, write_cityscapes
+from pipeline.infer import Segmenter, TorchBackend
 from pipeline.models import build_model
+from pipeline.models.checkpoints import checkpoint_metadata
+from tests.conftest import spread_student
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 2, 5, (96, 192), 3, progress=False)
-
-
-def spread_model(num_classes: int = 19) -> torch.nn.Module:
-    """A random B0 whose classifier is scaled up, so its argmax varies across the image and many classes occur."""
-    torch.manual_seed(1)
-    model = build_model("mit_b0", num_classes=num_classes).eval()
-    with torch.no_grad():
-        model.head.classifier.weight.mul_(300.0)
-    return model
+def data(synthetic) -> Path:
+    return synthetic(2, 5, (96, 192), 3)
 
 
 def test_confusion_matrix_on_a_hand_counted_example():
@@ -83,9 +77,9 @@ def test_confusion_matrix_refuses_bad_input():
         cm.update(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 5, 255]))
 
 
-def test_evaluate_scores_logits_upsampled_to_the_full_label_resolution(synthetic):
-    val = build_dataset("synthetic", synthetic, "val", EvalTransform(size=(64, 128)))
-    model = spread_model()
+def test_evaluate_scores_logits_upsampled_to_the_full_label_resolution(data):
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
+    model = spread_student(seed=1)
     result = evaluate(model, DataLoader(val, batch_size=1), num_classes=19, progress=False)
     # the labels stay at 96x192 while the images go in at 64x128: every non-ignored label pixel is counted
     labelled = sum(int((val.read(i)[1] != 255).sum()) for i in range(len(val)))
@@ -106,33 +100,51 @@ def test_evaluate_scores_logits_upsampled_to_the_full_label_resolution(synthetic
     assert model.training is False
 
 
+def test_score_counts_a_segmenters_frames_with_the_evaluators_core(data):
+    """score(): any artifact through its Segmenter, raw BGR frames in, class ids at full label resolution out,
+    counted like evaluate() counts a model over a DataLoader."""
+    assert spread(5, 2) == [0, 4] and spread(5, 0) == spread(5, 9) == [0, 1, 2, 3, 4]
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
+    model = spread_student(seed=1)
+    seg = Segmenter(TorchBackend(model, "cpu"), checkpoint_metadata(model), "student", size=(64, 128))
+    two = score(seg, val, frames=2, progress=False)
+    assert sum(two.pixels) == sum(int((val.read(i)[1] != 255).sum()) for i in (0, 4))
+    ours = score(seg, val, progress=False)
+    ref = evaluate(model, DataLoader(val, batch_size=1), num_classes=19, classes=val.classes, progress=False)
+    assert ours.pixels == ref.pixels and ours.classes == ref.classes
+    assert ours.miou == pytest.approx(ref.miou, abs=2e-3)
+    other = build_model("mit_b0", num_classes=21)
+    with pytest.raises(InputError, match="predicts 21 classes"):
+        score(Segmenter(TorchBackend(other, "cpu"), checkpoint_metadata(other), "other"), val, progress=False)
+
+
 def _shard_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     val = build_dataset("synthetic", root, "val", EvalTransform(size=(64, 128)))
     shard = Subset(val, range(rank, len(val), world))
-    result = evaluate(spread_model(), DataLoader(shard, batch_size=1), num_classes=19, progress=False)
+    result = evaluate(spread_student(seed=1), DataLoader(shard, batch_size=1), num_classes=19, progress=False)
     if rank == 0:
         torch.save(torch.tensor(result.confusion), out)
     torch.distributed.destroy_process_group()
 
 
-def test_shards_of_two_gloo_processes_sum_to_the_whole_split(tmp_path, synthetic):
+def test_shards_of_two_gloo_processes_sum_to_the_whole_split(tmp_path, data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "cm.pt"
-    mp.spawn(_shard_worker, args=(2, port, str(synthetic), str(out)), nprocs=2, join=True)
-    val = build_dataset("synthetic", synthetic, "val", EvalTransform(size=(64, 128)))
-    whole = evaluate(spread_model(), DataLoader(val, batch_size=1), num_classes=19, progress=False)
+    mp.spawn(_shard_worker, args=(2, port, str(data), str(out)), nprocs=2, join=True)
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
+    whole = evaluate(spread_student(seed=1), DataLoader(val, batch_size=1), num_classes=19, progress=False)
     assert torch.equal(torch.load(out), torch.tensor(whole.confusion))
 
 
-def test_cityscapesscripts_scores_our_written_predictions_as_we_do(tmp_path, synthetic):
+def test_cityscapesscripts_scores_our_written_predictions_as_we_do(tmp_path, data):
     ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
-    val = build_dataset("synthetic", synthetic, "val", EvalTransform(size=(64, 128)))
-    model = spread_model()
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
+    model = spread_student(seed=1)
     loader = DataLoader(val, batch_size=1)
     ours = evaluate(model, loader, num_classes=19, classes=val.classes, progress=False)
     files = write_cityscapes(model, loader, tmp_path / "results", progress=False)
@@ -146,7 +158,7 @@ def test_cityscapesscripts_scores_our_written_predictions_as_we_do(tmp_path, syn
     args.evalInstLevelScore, args.JSONOutput, args.quiet, args.colorized = False, False, True, False
     args.bold = args.nocol = ""
     args.predictionPath, args.predictionWalk = str(tmp_path / "results"), None
-    ground_truth = sorted(str(p) for p in synthetic.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    ground_truth = sorted(str(p) for p in data.glob("gtFine/val/*/*_gtFine_labelIds.png"))
     predictions = [ev.getPrediction(args, gt) for gt in ground_truth]  # the official filename matching
     theirs = ev.evaluateImgLists(predictions, ground_truth, args)
 
@@ -156,8 +168,8 @@ def test_cityscapesscripts_scores_our_written_predictions_as_we_do(tmp_path, syn
         assert (math.isnan(iou) and math.isnan(their)) or their == pytest.approx(iou, abs=1e-9), name
 
 
-def test_write_cityscapes_refuses_a_model_of_another_label_set(tmp_path, synthetic):
-    val = build_dataset("synthetic", synthetic, "val", EvalTransform(size=(64, 128)))
+def test_write_cityscapes_refuses_a_model_of_another_label_set(tmp_path, data):
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
     with pytest.raises(ConfigError, match="21 classes"):
         write_cityscapes(build_model("mit_b0", num_classes=21), DataLoader(val), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,49 +1,41 @@
 """Export: the deploy graph's contract, ONNX Runtime parity with PyTorch on real frames, and clean failures."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
-from pipeline.errors import ExportError
+from pipeline import artifacts
+from pipeline.config import ExportConfig
+from pipeline.data import EvalTransform, build_dataset, network_input
+from pipeline.errors import ConfigError, ExportError
 from pipeline.evaluate import evaluate, predict
-from pipeline.export import ExportPlan, ExportSpec, export_student, graph_input
-from pipeline.models import build_model
+from pipeline.export import export_student
+from pipeline.infer import ort_session
+from tests.conftest import run_cli, splits
 
 SIZE = (64, 128)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 6, 4, SIZE, 0, progress=False)
-    return build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
+def data(synthetic):
+    return splits(synthetic(6, 4, SIZE))
 
 
-@pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(0)
-    model = build_model("mit_b0", num_classes=19).eval()
-    with torch.no_grad():  # a spread of classes rather than one constant guess
-        model.head.classifier.weight.mul_(300.0)
-    return model
+def plain(**kw) -> ExportConfig:
+    return ExportConfig(**{"size": SIZE, "fp16": False, "int8": False, "parity_frames": 4, **kw})
 
 
-def plain(spec: ExportSpec, **kw) -> ExportPlan:
-    return ExportPlan(spec, fp16=False, int8=False, parity_frames=4, **kw)
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def graph_input(rgb: np.ndarray, mean, std) -> np.ndarray:
+    """A float graph's batch of one, as the export prepares its parity frames."""
+    return network_input(rgb, SIZE, mean, std)[None]
 
 
 def test_float_logits_graph_matches_pytorch_and_carries_its_contract(tmp_path, data, student):
     train, val = data
-    report = export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE)), val, train)
+    report = export_student(student, tmp_path, plain(), val, train)
     graph = onnx.load(str(tmp_path / "student.onnx"))
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
     ops = {n.op_type for n in graph.graph.node}
@@ -52,40 +44,45 @@ def test_float_logits_graph_matches_pytorch_and_carries_its_contract(tmp_path, d
     (inp,), (out,) = graph.graph.input, graph.graph.output
     assert inp.name == "image" and [d.dim_value for d in inp.type.tensor_type.shape.dim] == [1, 3, *SIZE]
     assert out.name == "logits" and [d.dim_value for d in out.type.tensor_type.shape.dim] == [1, 19, 16, 32]
-    props = {p.key: p.value for p in graph.metadata_props}
-    assert json.loads(props["classes"])[0] == "road" and json.loads(props["mean"])[0] == pytest.approx(123.675)
+    meta = artifacts.read_onnx({p.key: p.value for p in graph.metadata_props}, "student.onnx")
+    assert meta.classes[0] == "road" and meta.normalization.mean[0] == pytest.approx(123.675)
+    assert (meta.kind, meta.precision, meta.contract.input, meta.contract.output) == ("onnx", "fp32", "float", "logits")
+    assert meta.contract.size == list(SIZE) and meta.contract.batch == 1 and not meta.contract.dynamic
 
     par = report["artifacts"]["fp32"]["parity"]
     assert par["frames"] == 4 and par["max_abs_logit_diff"] <= 1e-3 and par["argmax_agreement"] >= 0.999
     # the same frames, run here by hand
     rgb, _ = val.read(1)
-    x = graph_input(rgb, ExportSpec("float", "logits", SIZE), student.meta.mean, student.meta.std)
-    ours = session(tmp_path / "student.onnx").run(None, {"image": x})[0]
+    x = graph_input(rgb, student.meta.mean, student.meta.std)
+    ours = ort_session(tmp_path / "student.onnx").run(None, {"image": x})[0]
     with torch.no_grad():
         ref = student(torch.from_numpy(x)).numpy()
     assert np.abs(ours - ref).max() <= 1e-3
 
     side = json.loads((tmp_path / "student.onnx.json").read_text())
     assert side["sha256"] == report["artifacts"]["fp32"]["sha256"] and side["precision"] == "fp32"
-    assert side["spec"]["input"] == "float" and side["parity"]["argmax_agreement"] >= 0.999
+    assert side["contract"]["input"] == "float" and side["measured"]["parity"]["argmax_agreement"] >= 0.999
+    # one record: the sidecar is the graph's own record plus the file's hash and the measurements
+    record = artifacts.read_sidecar(tmp_path / "student.onnx", verify=True)
+    assert {**record.to_dict(), "measured": {}, "file": "", "sha256": "", "bytes": 0} == meta.to_dict()
     # scored like the PyTorch evaluator: the val images are already 64x128, so the numbers agree
     torch_miou = evaluate(student, torch.utils.data.DataLoader(build_dataset(
         "synthetic", val.root, "val", EvalTransform(size=SIZE))), num_classes=19, progress=False).miou
     assert report["pytorch"]["miou"] == pytest.approx(torch_miou, abs=1e-9)
-    assert side["miou"] == pytest.approx(torch_miou, abs=0.005)
+    assert side["measured"]["miou"] == pytest.approx(torch_miou, abs=0.005)
 
 
 def test_uint8_labels_graph_normalises_inside_and_returns_class_ids(tmp_path, data, student):
     train, val = data
-    export_student(student, tmp_path, plain(ExportSpec("uint8", "labels", SIZE)), val, train)
+    export_student(student, tmp_path, plain(input="uint8", output="labels"), val, train)
     graph = onnx.load(str(tmp_path / "student.onnx"))
     assert [o.name for o in graph.graph.output] == ["labels"]  # the parity output is gone
-    sess = session(tmp_path / "student.onnx")
+    sess = ort_session(tmp_path / "student.onnx")
     assert sess.get_inputs()[0].type == "tensor(uint8)" and sess.get_inputs()[0].shape == [1, *SIZE, 3]
     rgb, _ = val.read(2)
     labels = sess.run(None, {"image": np.ascontiguousarray(rgb[None, :, :, ::-1])})[0]  # BGR, as OpenCV gives
     assert labels.dtype == np.int32 and labels.shape == (1, *SIZE)
-    x = graph_input(rgb, ExportSpec("float", "logits", SIZE), student.meta.mean, student.meta.std)
+    x = graph_input(rgb, student.meta.mean, student.meta.std)
     with torch.no_grad():
         expected = predict(student, torch.from_numpy(x), SIZE).numpy()
     assert (labels == expected).mean() >= 0.999
@@ -94,8 +91,8 @@ def test_uint8_labels_graph_normalises_inside_and_returns_class_ids(tmp_path, da
 
 def test_dynamic_graph_takes_other_batches_and_sizes(tmp_path, data, student):
     train, val = data
-    export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE, dynamic=True)), val, train)
-    sess = session(tmp_path / "student.onnx")
+    export_student(student, tmp_path, plain(dynamic=True), val, train)
+    sess = ort_session(tmp_path / "student.onnx")
     x = np.random.default_rng(0).standard_normal((2, 3, 96, 160)).astype(np.float32)
     out = sess.run(None, {"image": x})[0]
     with torch.no_grad():
@@ -106,8 +103,7 @@ def test_dynamic_graph_takes_other_batches_and_sizes(tmp_path, data, student):
 def test_failed_parity_leaves_no_artifact(tmp_path, data, student):
     train, val = data
     with pytest.raises(ExportError, match="disagrees with PyTorch") as err:
-        export_student(student, tmp_path, plain(ExportSpec("float", "logits", SIZE), parity_max_diff=0.0), val,
-                       train)
+        export_student(student, tmp_path, plain(parity_max_diff=1e-12), val, train)
     assert "\n" not in str(err.value) and "student.onnx" in str(err.value)
     assert not list(tmp_path.glob("student*")) and not list(tmp_path.glob(".*"))
 
@@ -117,22 +113,15 @@ def test_unwritable_output_and_bad_spec_are_one_line_errors(tmp_path, data, stud
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ExportError, match="not writable"):
-        export_student(student, blocker / "out", plain(ExportSpec(size=SIZE)), val, train)
-    with pytest.raises(ExportError, match="export.input='rgb'"):
-        export_student(student, tmp_path, plain(ExportSpec("rgb", "logits", SIZE)), val, train)
-    with pytest.raises(ExportError, match="opset"):
-        export_student(student, tmp_path, plain(ExportSpec(size=SIZE, opset=13)), val, train)
-
-
-def run_cli(*args, cwd: Path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+        export_student(student, blocker / "out", plain(), val, train)
+    # the values config.py refuses are refused the same way when the library is called directly
+    with pytest.raises(ConfigError, match="export.input='rgb'"):
+        export_student(student, tmp_path, plain(input="rgb"), val, train)
+    with pytest.raises(ConfigError, match="opset"):
+        export_student(student, tmp_path, plain(opset=13), val, train)
+    with pytest.raises(ExportError, match="0x0"):
+        export_student(student, tmp_path, plain(size=(0, 0)), val, train)
+    assert not list(tmp_path.glob("student*"))
 
 
 def test_export_stage_writes_every_onnx_artifact_and_its_report(tmp_path, data, student):
@@ -147,7 +136,7 @@ def test_export_stage_writes_every_onnx_artifact_and_its_report(tmp_path, data, 
     code, out, err = run_cli("export", "--run-dir", str(run), "--checkpoint", str(ckpt), *keys, cwd=tmp_path)
     assert code == 0, err
     for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
-        assert (run / name).is_file() and json.loads((run / f"{name}.json").read_text())["artifact"] == name
+        assert (run / name).is_file() and artifacts.read_sidecar(run / name, verify=True).file == name
     assert not list(run.glob("*.plan"))  # no TensorRT here: said in one line, the ONNX files still written
     assert sum("no TensorRT engines" in line for line in err.splitlines()) == 1
     report = json.loads((run / "export.json").read_text())
@@ -161,15 +150,19 @@ def test_export_stage_writes_every_onnx_artifact_and_its_report(tmp_path, data, 
 def test_int8_through_onnx_runtime_backend(tmp_path, data, student):
     """export.int8_backend=ort: no Model Optimizer involved, the Q/DQ graph checked and scored like the others."""
     train, val = data
-    plan = ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=True, parity_frames=2,
-                      calibration_frames=4, int8_backend="ort", eval_frames=2)
-    report = export_student(student, tmp_path, plan, val, train)
+    e = plain(int8=True, parity_frames=2, calibration_frames=4, int8_backend="ort", eval_frames=2)
+    report = export_student(student, tmp_path, e, val, train)
     int8 = report["artifacts"]["int8"]
     assert int8["quantization"]["backend"] == "ort" and int8["quantization"]["method"] == "entropy"
     assert int8["quantization"]["frames"] == 4 and int8["quantization"]["quantized_nodes"] > 0
     assert int8["parity"]["argmax_agreement"] >= 0.9
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "student.int8.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(tmp_path / "student.int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
+    # the converted graph carries the derived record, which its sidecar repeats with the measurements
+    meta = artifacts.read_onnx({p.key: p.value for p in graph.metadata_props}, "student.int8.onnx")
+    side = artifacts.read_sidecar(tmp_path / "student.int8.onnx", verify=True)
+    assert (meta.kind, meta.precision, side.kind) == ("onnx-int8", "int8", "onnx-int8")
+    assert side.details["quantization"]["backend"] == "ort" and side.measured["miou"] == int8["miou"]
 
 
 def test_export_of_a_checkpoint_that_does_not_load_is_one_line(tmp_path, data):
@@ -199,11 +192,11 @@ def test_export_of_a_hugging_face_folder(tmp_path, data):
                            "export.int8=false", "export.parity_frames=2", cwd=tmp_path)
     assert code == 0, err
     side = json.loads((run / "student.onnx.json").read_text())
-    assert side["parity"]["max_abs_logit_diff"] <= 1e-3 and side["parity"]["argmax_agreement"] >= 0.999
+    parity = side["measured"]["parity"]
+    assert parity["max_abs_logit_diff"] <= 1e-3 and parity["argmax_agreement"] >= 0.999
     # the exported graph computes what transformers' own model computes
-    x = graph_input(val.read(0)[0], ExportSpec("float", "logits", SIZE), side["normalization"]["mean"],
-                    side["normalization"]["std"])
-    ours = session(run / "student.onnx").run(None, {"image": x})[0]
+    x = graph_input(val.read(0)[0], side["normalization"]["mean"], side["normalization"]["std"])
+    ours = ort_session(run / "student.onnx").run(None, {"image": x})[0]
     with torch.no_grad():
         ref = hf(pixel_values=torch.from_numpy(x)).logits.numpy()
     assert ours.shape == ref.shape == (1, 19, 16, 32) and np.abs(ours - ref).max() <= 1e-3

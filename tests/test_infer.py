@@ -1,6 +1,7 @@
 """Segmenter: every backend available here (PyTorch CPU, ONNX Runtime CPU) on real exported graphs, one contract."""
 
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -8,36 +9,34 @@ import onnx
 import pytest
 import torch
 
-from benchmarks.accuracy import score
-from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
+from pipeline import artifacts
+from pipeline.config import ExportConfig
+from pipeline.data import EvalTransform, build_dataset, network_input
 from pipeline.errors import InputError
-from pipeline.evaluate import evaluate
-from pipeline.export import ExportPlan, ExportSpec, export_student
-from pipeline.infer import Segmenter
-from pipeline.models import build_model, save_model
+from pipeline.evaluate import evaluate, score
+from pipeline.export import export_student
+from pipeline.infer import OrtBackend, Segmenter, TorchBackend
+from pipeline.models import save_model
+from tests.conftest import splits, spread_student
 
 SIZE = (64, 128)
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
+def art(tmp_path_factory, synthetic):
     """A tiny student, its checkpoint, and three exported graphs: float/logits static, uint8/labels static at
     batch 2, float/logits dynamic."""
-    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 4, 6, (96, 192), 0, progress=False)
-    train, val = build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
-    torch.manual_seed(0)
-    model = build_model("mit_b0", num_classes=19).eval()
-    with torch.no_grad():  # a spread of classes rather than one constant guess
-        model.head.classifier.weight.mul_(300.0)
+    train, val = splits(synthetic(4, 6, (96, 192)))
+    model = spread_student()
     out = {"val": val, "model": model}
     d = tmp_path_factory.mktemp("artifacts")
     out["ckpt"] = save_model(model, d / "student.safetensors")
-    for name, spec in {"float": ExportSpec("float", "logits", SIZE), "uint8": ExportSpec("uint8", "labels", SIZE, 2),
-                       "dynamic": ExportSpec("float", "logits", SIZE, dynamic=True)}.items():
+    for name, graph in {"float": {}, "uint8": {"input": "uint8", "output": "labels", "batch": 2},
+                        "dynamic": {"dynamic": True}}.items():
         sub = d / name
         sub.mkdir()
-        export_student(model, sub, ExportPlan(spec, fp16=False, int8=False, parity_frames=2, eval_frames=2), val,
-                       train)
+        e = ExportConfig(size=SIZE, fp16=False, int8=False, parity_frames=2, eval_frames=2, **graph)
+        export_student(model, sub, e, val, train)
         out[name] = sub / "student.onnx"
     return out
 
@@ -96,22 +95,24 @@ def test_input_buffers_are_allocated_once_and_outputs_follow_the_input(art):
     ia, ib = seg.predict(a), seg.predict(b)
     assert not np.array_equal(ia, ib)
     assert np.array_equal(seg.predict(a), ia)
-    # the normalisation is export.graph_input's: the float graph sees the same numbers parity was checked on
-    from pipeline.export import graph_input
-
+    # one preprocessing (data.transforms.network_input): the float graph sees the numbers the export's parity check
+    # saw and training evaluation feeds the model, to the bit
     rgb = np.ascontiguousarray(a[:, :, ::-1])
-    ref = graph_input(rgb, ExportSpec("float", "logits", SIZE), seg.contract.mean, seg.contract.std)
+    norm = seg.meta.normalization
+    ref = network_input(rgb, SIZE, norm.mean, norm.std)[None]
     assert np.array_equal(seg.preprocess([a])[0], ref)
+    evaluated = EvalTransform(size=SIZE, mean=norm.mean, std=norm.std)(rgb, np.zeros(rgb.shape[:2], np.uint8))[0]
+    assert np.array_equal(evaluated.numpy()[None], ref)
 
 
 def test_colorize_uses_the_palette_and_blends(art):
     seg = Segmenter.open(art["float"], provider="cpu")
     ids = np.array([[0, 1], [2, 0]], np.uint8)
     rgb = seg.colorize(ids)
-    assert rgb.shape == (2, 2, 3) and tuple(rgb[0, 1]) == tuple(seg.contract.palette[1])
+    assert rgb.shape == (2, 2, 3) and tuple(rgb[0, 1]) == tuple(seg.meta.palette[1])
     image = np.zeros((2, 2, 3), np.uint8)
     half = seg.colorize(ids, image, alpha=0.5)
-    assert abs(int(half[0, 1, 0]) - seg.contract.palette[1][0] // 2) <= 1
+    assert abs(int(half[0, 1, 0]) - seg.meta.palette[1][0] // 2) <= 1
     with pytest.raises(InputError, match="differ in size"):
         seg.colorize(ids, np.zeros((3, 3, 3), np.uint8))
 
@@ -135,5 +136,29 @@ def test_bad_input_is_one_line(art, tmp_path):
     onnx.save(plain, str(tmp_path / "foreign.onnx"))
     with pytest.raises(InputError, match="not a graph exported by this pipeline"):
         Segmenter.open(tmp_path / "foreign.onnx")
+    # a record that does not describe the graph it sits in
+    meta = artifacts.read_onnx({p.key: p.value for p in onnx.load(str(art["float"])).metadata_props}, "student.onnx")
+    for k, v in replace(meta, contract=replace(meta.contract, size=[32, 64])).onnx_props().items():
+        plain.metadata_props.add(key=k, value=v)
+    onnx.save(plain, str(tmp_path / "edited.onnx"))
+    with pytest.raises(InputError, match="1x3x64x128 but its record says 1x3x32x64"):
+        Segmenter.open(tmp_path / "edited.onnx")
     side = json.loads((art["float"].parent / "student.onnx.json").read_text())
-    assert side["spec"]["size"] == list(SIZE)
+    assert side["contract"]["size"] == list(SIZE)
+
+
+def test_backends_run_the_primary_output_and_infer_every_output(art):
+    """The one runner interface: `run` the deployed output, `infer` every output by name; a static batch-2 graph
+    takes a single frame (repeated to the batch, the first result kept)."""
+    frame = bgr_frames(art["val"], 1)[0]
+    seg = Segmenter.open(art["uint8"], provider="cpu")
+    batch = seg.preprocess([frame])[0]  # 2 x 64 x 128 x 3, the second slot padded
+    ort = OrtBackend(art["uint8"], "cpu")
+    one = ort.infer(batch[:1])
+    assert list(one) == ["labels"] and one["labels"].shape == (1, *SIZE)
+    assert np.array_equal(one["labels"], ort.run(batch)[:1])
+    torch_seg = Segmenter.open(art["ckpt"], size=SIZE)
+    x = torch_seg.preprocess([frame])[0]
+    assert isinstance(torch_seg.backend, TorchBackend)
+    out = torch_seg.backend.infer(x)
+    assert list(out) == ["logits"] and np.array_equal(out["logits"], torch_seg.backend.run(x).numpy())

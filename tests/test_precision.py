@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import precision
-from pipeline.data import EvalTransform, build_dataset, ensure_synthetic
-from pipeline.errors import ExportError
+from pipeline import artifacts, precision
+from pipeline.config import ExportConfig
+from pipeline.data import EvalTransform, build_dataset
+from pipeline.errors import ConfigError, ExportError
+from pipeline.export import onnx_metadata
+from pipeline.infer import ort_session
 from pipeline.models import build_model
 
 SIZE = (64, 128)
@@ -32,9 +35,14 @@ class LabelsGraph(torch.nn.Module):
         return logits.argmax(1).to(torch.int32)
 
 
+def record(path) -> artifacts.Metadata:
+    return artifacts.read_onnx({p.key: p.value for p in onnx.load(str(path)).metadata_props}, str(path))
+
+
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    """Two FP32 exports of one random-init B0 (float->logits, uint8->labels) and real synthetic frames for each."""
+def art(tmp_path_factory, synthetic):
+    """Two FP32 exports of one random-init B0 (float->logits with the export's record, uint8->labels with none) and
+    real synthetic frames for each."""
     tmp = tmp_path_factory.mktemp("precision")
     torch.manual_seed(0)
     model = build_model("mit_b0", num_classes=19).eval()
@@ -45,9 +53,10 @@ def art(tmp_path_factory):
         torch.onnx.export(LabelsGraph(model), torch.zeros(1, *SIZE, 3, dtype=torch.uint8), str(labels),
                           opset_version=17, dynamo=False, input_names=["image"], output_names=["labels"])
     graph = onnx.load(str(fp32))
-    graph.metadata_props.add(key="variant", value="mit_b0")
+    for k, v in onnx_metadata(model, ExportConfig(size=SIZE)).onnx_props().items():
+        graph.metadata_props.add(key=k, value=v)
     onnx.save(graph, str(fp32))
-    root = ensure_synthetic(tmp / "syn", 8, 8, SIZE, 0, progress=False)
+    root = synthetic(8, 8, SIZE)
     sets = {s: build_dataset("synthetic", root, s, EvalTransform(size=SIZE)) for s in ("train", "val")}
     floats = {s: np.stack([d[i]["image"].numpy() for i in range(len(d))]) for s, d in sets.items()}
     bgr = {s: np.stack([d.read(i)[0][:, :, ::-1] for i in range(len(d))]) for s, d in sets.items()}
@@ -55,9 +64,7 @@ def art(tmp_path_factory):
 
 
 def run(path, frames) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: frames[i:i + 1]})[0] for i in range(len(frames))])
 
@@ -113,8 +120,10 @@ def test_fp16_keeps_sensitive_ops_and_io_in_fp32(art):
     assert kept and all(t[n.input[0]] == onnx.TensorProto.FLOAT for n in kept)
     assert all(t[n.input[0]] == onnx.TensorProto.FLOAT16 for n in model.graph.node if n.op_type == "MatMul")
     assert [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]] == [1, 1]
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["variant"] == "mit_b0" and meta["precision"] == "fp16"
+    meta = record(dst)  # the source's record, as the derived kind's
+    assert (meta.variant, meta.kind, meta.precision) == ("mit_b0", "onnx-fp16", "fp16")
+    assert meta.details["conversion"] == info and meta.details["source_file"] == "student.onnx"
+    assert meta.contract == record(art["fp32"]).contract
     agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
     assert agree >= 0.99 and diff < 5e-3, (agree, diff)
 
@@ -127,7 +136,9 @@ def test_int8_modelopt_float_logits(art):
     assert info["backend"] == "modelopt" and info["method"] == "entropy" and info["high_precision"] == "fp16"
     check_int8(model, onnx.load(str(art["fp32"])), info)
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-    assert {p.key: p.value for p in model.metadata_props}["precision"] == "int8"
+    meta = record(dst)
+    assert (meta.variant, meta.kind, meta.precision) == ("mit_b0", "onnx-int8", "int8")
+    assert meta.details["quantization"] == info and "nvidia-modelopt" in meta.versions
     agree, diff = agreement(dst, art["fp32"], art["float"]["val"])
     assert agree >= 0.9, (agree, diff)
 
@@ -176,6 +187,7 @@ def test_int8_ort_backend(art, ort_int8, method):
     dst, info = ort_int8[method]
     assert info["backend"] == "ort" and info["high_precision"] == "fp32" and info["version"] == ort.__version__
     assert info["method"] == method
+    assert record(dst).details["quantization"]["method"] == method and record(dst).kind == "onnx-int8"
     model = onnx.load(str(dst))
     check_int8(model, onnx.load(str(art["fp32"])), info)
     # Q/DQ on the inputs of Conv/MatMul/Gemm only (a DQ they share with a data-movement op included): nothing
@@ -248,9 +260,10 @@ def test_missing_source_and_bad_options(art, tmp_path):
         precision.to_int8(tmp_path / "nope.onnx", tmp_path / "out.onnx", art["float"]["train"])
     with pytest.raises(ExportError, match="output directory not found"):
         precision.to_int8(art["fp32"], tmp_path / "no" / "out.onnx", art["float"]["train"], backend="ort")
-    with pytest.raises(ExportError, match="calibration method"):
+    # the names config.py checks are refused by its checker when the library is called directly
+    with pytest.raises(ConfigError, match="export.calibration_method='percentile'"):
         precision.to_int8(art["fp32"], tmp_path / "out.onnx", art["float"]["train"], method="percentile")
-    with pytest.raises(ExportError, match="backend"):
+    with pytest.raises(ConfigError, match="export.int8_backend='tensorrt'"):
         precision.to_int8(art["fp32"], tmp_path / "out.onnx", art["float"]["train"], backend="tensorrt")
     assert list(tmp_path.iterdir()) == []
 

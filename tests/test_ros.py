@@ -14,20 +14,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("rosbags")
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # noqa: E402
 
 from pipeline import rosmsg  # noqa: E402
-from pipeline.data import build_dataset, ensure_synthetic  # noqa: E402
+from pipeline.config import ExportConfig  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
-from pipeline.export import ExportPlan, ExportSpec, export_student  # noqa: E402
+from pipeline.export import export_student  # noqa: E402
 from pipeline.infer import Segmenter  # noqa: E402
-from pipeline.models import build_model, save_model  # noqa: E402
+from pipeline.models import save_model  # noqa: E402
+from tests.conftest import ROOT, splits, spread_student  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ros"
 sys.path.append(str(PKG))
 from transkd_segmentation.params import NodeParams, parse_size  # noqa: E402
@@ -57,17 +56,13 @@ def ts():
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
+def art(tmp_path_factory, synthetic):
     """A tiny student exported as a float/logits ONNX at 64x128, its checkpoint, and BGR camera frames."""
-    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 4, 4, FRAME, 0, progress=False)
-    train, val = build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
-    torch.manual_seed(0)
-    model = build_model("mit_b0", num_classes=19).eval()
-    with torch.no_grad():  # a spread of classes rather than one constant guess
-        model.head.classifier.weight.mul_(300.0)
+    train, val = splits(synthetic(4, 4, FRAME))
+    model = spread_student()
     d = tmp_path_factory.mktemp("artifact")
-    export_student(model, d, ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=False, parity_frames=2,
-                                        eval_frames=2), val, train)
+    export_student(model, d, ExportConfig(size=SIZE, fp16=False, int8=False, parity_frames=2, eval_frames=2), val,
+                   train)
     return {"onnx": Segmenter.open(d / "student.onnx", provider="cpu"),
             "ckpt": Segmenter.open(save_model(model, d / "student.safetensors"), device="cpu", size=SIZE),
             "frames": [np.ascontiguousarray(val.read(i)[0][:, :, ::-1]) for i in range(3)]}
@@ -185,7 +180,7 @@ def test_checkpoint_segmenter_and_palette_colours(ts, art):
     assert loop.step()
     ids, rgb = ids_of(sink.mask[0]), rgb_of(sink.overlay[0])
     assert np.array_equal(ids, seg.predict(bgr))
-    palette = np.asarray(seg.contract.palette, np.uint8)
+    palette = np.asarray(seg.meta.palette, np.uint8)
     assert np.array_equal(rgb, palette[ids])
     # the ONNX export of the same weights agrees
     assert (ids == art["onnx"].predict(bgr)).mean() >= 0.999

@@ -1,4 +1,4 @@
-"""Joint image/label transforms in OpenCV, shared by training, evaluation and INT8 calibration."""
+"""Joint image/label transforms in OpenCV and the one network-input preprocessing every path shares."""
 
 from __future__ import annotations
 
@@ -12,14 +12,33 @@ from pipeline.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import InputError
 
 
-def normalize(rgb: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 H x W x 3 RGB -> float32 3 x H x W tensor `(rgb - mean) / std`, mean/std on the 0..255 scale."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InputError(f"normalize: expected an H x W x 3 RGB array, got shape {tuple(rgb.shape)}")
-    scale = 1.0 / np.asarray(std, np.float32)
-    x = (rgb.astype(np.float32) - np.asarray(mean, np.float32)) * scale
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def network_input(image: np.ndarray, size: tuple[int, int] | None, mean: Sequence[float], std: Sequence[float],
+                  input_kind: str = "float", *, bgr: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """One uint8 H x W x 3 frame (RGB, or BGR with `bgr`) as a network takes it: resized to `size` (H, W) with
+    INTER_LINEAR where it is not already (None: kept), then either H x W x 3 uint8 BGR ("uint8": the graph
+    normalises inside) or 3 x H x W float32 RGB `(x - mean) * (1 / std)` on the 0..255 scale ("float"). Written
+    into `out` when given (a slot of a reused batch buffer). The one preprocessing of training, evaluation,
+    export parity and calibration, and the Segmenter."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"network input: expected an H x W x 3 image, got shape {tuple(image.shape)}")
+    h, w = size if size is not None else image.shape[:2]
+    if image.shape[:2] != (h, w):
+        if input_kind == "uint8" and bgr and out is not None:  # the camera path: resized straight into the batch
+            return cv2.resize(image, (w, h), dst=out, interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    if input_kind == "uint8":
+        if out is None:
+            return np.ascontiguousarray(image if bgr else image[:, :, ::-1])
+        out[...] = image if bgr else image[:, :, ::-1]
+        return out
+    mean32 = np.asarray(mean, np.float32)
+    scale = 1.0 / np.asarray(std, np.float32)  # a multiply by the float32 reciprocal, as training has always done
+    if out is None:
+        out = np.empty((3, h, w), np.float32)
+    for c in range(3):  # channel by channel straight into the CHW destination: no H x W x 3 float temporary
+        np.subtract(image[:, :, 2 - c if bgr else c], mean32[c], out=out[c], dtype=np.float32)
+        np.multiply(out[c], scale[c], out=out[c])
+    return out
 
 
 def label_tensor(label: np.ndarray) -> torch.Tensor:
@@ -27,13 +46,10 @@ def label_tensor(label: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
 
 
-def resize_to_height(rgb: np.ndarray, height: int) -> np.ndarray:
-    """The image scaled so its height is `height`, aspect kept (width rounded); unchanged if already so."""
-    h, w = rgb.shape[:2]
-    if h == height:
-        return rgb
-    width = max(1, round(w * height / h))
-    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+def height_size(shape: tuple[int, ...], height: int) -> tuple[int, int]:
+    """(H, W) of an image of `shape` scaled so its height is `height`, aspect kept (width rounded)."""
+    h, w = shape[:2]
+    return (h, w) if h == height else (height, max(1, round(w * height / h)))
 
 
 def _check_pair(rgb: np.ndarray, label: np.ndarray) -> None:
@@ -83,7 +99,7 @@ class TrainTransform:
             rgb, label = cv2.flip(rgb, 1), cv2.flip(label, 1)
         if self.jitter:
             rgb = photometric(rgb, np.asarray(jitter))
-        return normalize(rgb, self.mean, self.std), label_tensor(label)
+        return torch.from_numpy(network_input(rgb, None, self.mean, self.std)), label_tensor(label)
 
     def __repr__(self) -> str:
         return f"TrainTransform(size={self.size}, scale={self.scale}, flip={self.flip}, jitter={self.jitter})"
@@ -116,7 +132,7 @@ class EvalTransform:
     """Deterministic: the image scaled to height H (aspect kept), the label returned at full resolution.
 
     Evaluation scores the logits upsampled to the label's size, as the Cityscapes benchmark does; `size=None`
-    keeps the image as it is (the dataset default, and what INT8 calibration uses on pre-sized frames).
+    keeps the image as it is (the dataset default). The arithmetic is `network_input`'s, shared with the deployed path.
     """
 
     def __init__(self, size: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
@@ -127,9 +143,8 @@ class EvalTransform:
     def __call__(self, rgb: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _check_pair(rgb, label)
-        if self.size is not None:
-            rgb = resize_to_height(rgb, self.size[0])
-        return normalize(rgb, self.mean, self.std), label_tensor(label)
+        size = height_size(rgb.shape, self.size[0]) if self.size is not None else None
+        return torch.from_numpy(network_input(rgb, size, self.mean, self.std)), label_tensor(label)
 
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size})"
