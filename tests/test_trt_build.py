@@ -1,5 +1,6 @@
-"""trt/build.py where there is no TensorRT: shapes and profiles, precision detection, file naming, the CLI's checks
-(all made before TensorRT is imported) and mypy over trt/ against the TensorRT stubs."""
+"""trt/build.py where there is no TensorRT: shapes and profiles, precision detection, file naming, the engine's
+artifact record, the CLI's checks (all made before TensorRT is imported) and mypy over trt/ against the TensorRT
+stubs."""
 
 import ast
 import importlib.metadata
@@ -7,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +16,42 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.artifacts import Metadata, read_sidecar, sidecar_path, write_sidecar
 from pipeline.errors import ExportError, InputError
+from tests.conftest import ROOT, run_cli
+from tests.test_artifacts import golden
+from tests.test_artifacts import shape as key_tree
 from trt.build import (
+    BuildOptions,
+    OnnxInfo,
     Tensor,
     build_engine,
+    engine_record,
     inspect_onnx,
     onnx_precision,
     parse_shapes,
     resolve_profile,
-    sidecar_path,
     tensorrt_unavailable,
     timing_cache_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "fp16-io": "fp16", "int8": "int8"}  # graph kind -> ONNX precision
+
+
+def exported(precision: str = "int8", shape=(1, 3, 8, 8)) -> Metadata:
+    """The record the export stage writes into a graph of `precision` and input `shape` (the golden ONNX record)."""
+    record = Metadata.from_dict(golden("onnx"), "tests/golden/onnx.json")
+    dynamic = any(isinstance(d, str) for d in shape)
+    size = [d if isinstance(d, int) else 8 for d in shape[2:]]
+    contract = replace(record.contract, size=size, batch=None if dynamic else shape[0], dynamic=dynamic)
+    kind = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}[precision]
+    return replace(record, kind=kind, precision=precision, contract=contract, measured={})
 
 
 def graph(kind: str = "fp32", shape=(1, 3, 8, 8), meta: dict | None = None) -> onnx.ModelProto:
-    """A tiny real graph y = relu(x * w) in one of the ways our exporter writes precision into the ONNX."""
+    """A tiny real graph y = relu(x * w) in one of the ways our exporter writes precision into the ONNX, carrying
+    the record the export stage writes (`meta`, when given, replaces the metadata: {} for a foreign graph)."""
     io_type = F16 if kind == "fp16-io" else F32
     x, y = (helper.make_tensor_value_info(name, io_type, list(shape)) for name in ("image", "y"))
     if kind == "fp32":
@@ -50,7 +69,8 @@ def graph(kind: str = "fp32", shape=(1, 3, 8, 8), meta: dict | None = None) -> o
                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), helper.make_node("Relu", ["d"], ["y"])]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
                               opset_imports=[helper.make_opsetid("", 17)])
-    for k, v in (meta or {}).items():
+    props = exported(PRECISION[kind], shape).onnx_props() if meta is None else meta
+    for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -125,6 +145,43 @@ def test_file_names(tmp_path):
     assert sidecar_path(tmp_path / "student.int8.plan") == tmp_path / "student.int8.plan.json"
 
 
+def test_engine_record_is_the_golden_plan_record(tmp_path):
+    """What build_engine writes beside a plan: the source graph's record with the engine kind and the build."""
+    info = OnnxInfo([Tensor("image", "float32", (1, 3, 128, 256))], [Tensor("logits", "float32", (1, 19, 32, 64))],
+                    "int8", 17, {})
+    source = replace(Metadata.from_dict(golden("onnx"), "onnx"), kind="onnx-int8", precision="int8", measured={})
+    meta = engine_record(source, info, {"image": ((1, 3, 128, 256),) * 3}, BuildOptions(),
+                         onnx_file="student.int8.onnx", onnx_sha256="2" * 64, tensorrt="10.13.3.9",
+                         gpu={"name": "NVIDIA H200", "compute_capability": "9.0"},
+                         timing_cache="timing-10.13.3.9-nvidia-h200-sm90.cache", seconds=41.23)
+    expected = golden("plan-int8")
+    written = {"file": expected["file"], "sha256": expected["sha256"], "bytes": expected["bytes"]}
+    assert replace(meta, **written).to_dict() == expected
+    plan = tmp_path / "student.int8.plan"
+    plan.write_bytes(b"plan")
+    assert write_sidecar(plan, meta) == read_sidecar(plan, verify=True)
+    assert key_tree(read_sidecar(plan).to_dict()) == key_tree(expected)
+
+
+def test_engine_record_of_a_dynamic_graph_keeps_its_profile():
+    info = OnnxInfo([Tensor("image", "float32", ("batch", 3, "height", "width"))],
+                    [Tensor("logits", "float32", ("batch", 19, "height/4", "width/4"))], "fp16", 17, {})
+    ranges = ((1, 3, 64, 64), (1, 3, 128, 256), (2, 3, 256, 512))
+    meta = engine_record(exported("fp16", info.inputs[0].shape), info, {"image": ranges},
+                         BuildOptions(2.0, 4, "ampere+", True), onnx_file="student.fp16.onnx", onnx_sha256="2" * 64,
+                         tensorrt="10.13.3.9", gpu={"name": "NVIDIA H200", "compute_capability": "9.0"},
+                         timing_cache=None, seconds=3.0)
+    assert (meta.kind, meta.precision, meta.contract.dynamic) == ("plan-fp16", "fp16", True)
+    (image,), (logits,) = meta.details["inputs"], meta.details["outputs"]
+    assert image == {"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
+                     "profile": {"min": [1, 3, 64, 64], "opt": [1, 3, 128, 256], "max": [2, 3, 256, 512]}}
+    assert "profile" not in logits and logits["shape"] == ["batch", 19, "height/4", "width/4"]
+    assert meta.details["build"] == {"strongly_typed": True, "workspace_gib": 2.0, "opt_level": 4,
+                                     "hardware_compat": "ampere+", "version_compatible": True,
+                                     "exclude_lean_runtime": False, "timing_cache": None, "seconds": 3.0}
+    assert Metadata.from_dict(meta.to_dict(), "plan") == meta  # the validator takes it as written
+
+
 def _no_tensorrt() -> str:
     reason = tensorrt_unavailable()
     if reason is None:
@@ -141,11 +198,25 @@ def test_build_engine_without_tensorrt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.int8.onnx"]
 
 
+def test_build_engine_refuses_foreign_and_fp32_graphs_before_tensorrt(tmp_path):
+    """Checked on any machine: a graph without the export stage's record, and an FP32 graph, which no engine kind
+    of the artifact table is built from."""
+    foreign = save(graph("int8", meta={}), tmp_path / "foreign.onnx")
+    with pytest.raises(InputError, match=r"foreign\.onnx: no 'transkd\.metadata' metadata; not a graph exported by "
+                                         r"this pipeline") as e:
+        build_engine(foreign)
+    assert "\n" not in str(e.value)
+    fp32 = save(graph("fp32"), tmp_path / "student.onnx")
+    with pytest.raises(InputError, match=r"student\.onnx: an FP32 graph makes no engine kind \(plan-fp16, "
+                                         r"plan-int8\); build from the FP16 or INT8 ONNX \(student\.fp16\.onnx, "
+                                         r"student\.int8\.onnx\)$"):
+        build_engine(fp32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.onnx", "student.onnx"]
+
+
 def cli(*args, cwd: Path) -> tuple[int, list[str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "trt.build", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=120)
-    return r.returncode, r.stderr.strip().splitlines()
+    code, _, err = run_cli(*args, cwd=cwd, module="trt.build", timeout=120)
+    return code, err.strip().splitlines()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -157,13 +228,18 @@ def cli(*args, cwd: Path) -> tuple[int, list[str]]:
     (["m.onnx", "--min", "image:2x3x64x64", "--opt", "image:1x3x64x64"], "min <= opt <= max"),
     (["m.onnx", "--opt-level", "7"], "invalid choice"),
     (["m.onnx", "--opt", "image:1x3x64x64", "--exclude-lean-runtime"], "version-compatible"),
+    (["foreign.onnx"], "foreign.onnx: no 'transkd.metadata' metadata; not a graph exported by this pipeline"),
+    (["fp32.onnx"], "fp32.onnx: an FP32 graph makes no engine kind"),
 ])
 def test_cli_rejects_bad_input(tmp_path, args, message):
-    save(graph("fp32", shape=("batch", 3, "height", "width")), tmp_path / "m.onnx")
+    dynamic = ("batch", 3, "height", "width")
+    save(graph("fp16", shape=dynamic), tmp_path / "m.onnx")
+    save(graph("fp16", shape=dynamic, meta={}), tmp_path / "foreign.onnx")
+    save(graph("fp32", shape=dynamic), tmp_path / "fp32.onnx")
     (tmp_path / "text.onnx").write_text("not a model\n")
     rc, err = cli(*args, "-o", str(tmp_path / "m.plan"), cwd=tmp_path)
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "text.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.onnx", "fp32.onnx", "m.onnx", "text.onnx"]
 
 
 def test_cli_valid_call_without_tensorrt(tmp_path):

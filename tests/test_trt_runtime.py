@@ -1,54 +1,54 @@
-"""trt/runtime.py: the engine sidecar, its compatibility and shape checks, dtypes and pinned views (plain Python), the
-runner's refusal where TensorRT is missing, and a real engine end to end where TensorRT and a GPU are present."""
+"""trt/runtime.py: the engine's record, its compatibility and shape checks, dtypes and pinned views (plain Python),
+the runner's refusal where TensorRT is missing, and a real engine end to end where TensorRT and a GPU are present."""
 
 import ctypes
 import enum
 import json
 import re
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.artifacts import Metadata, read_sidecar, sidecar_path, write_sidecar
 from pipeline.errors import ExportError, InputError
-from pipeline.io import write_json
-from tests.test_trt_build import _no_tensorrt, graph, save
-from trt.build import Tensor, build_engine, sidecar_path, tensorrt_unavailable
+from pipeline.io import sha256_file
+from tests.test_trt_build import _no_tensorrt, exported, graph, save
+from trt.build import BuildOptions, OnnxInfo, Tensor, build_engine, engine_record, tensorrt_unavailable
 from trt.runtime import (
     TrtRunner,
-    _check,
     check_shape,
+    cuda_check,
     load_sidecar,
     numpy_dtype,
     pinned_array,
     sidecar_mismatch,
 )
+from trt.timing import time_compute, time_end_to_end
 
 TRT, GPU, CC = "10.13.0.35", "NVIDIA GeForce RTX 4090", "8.9"
 PROFILE = {"min": [1, 3, 256, 512], "opt": [2, 3, 512, 1024], "max": [4, 3, 1024, 2048]}
 
 
-def sidecar(name: str = "student.int8.plan", dynamic: bool = True, **build) -> dict:
-    """What trt/build.py's build_engine writes beside a plan (same keys, same nesting), as read back from JSON."""
+def sidecar(name: str = "student.int8.plan", dynamic: bool = True, **build) -> Metadata:
+    """The record trt/build.py's build_engine writes beside a plan, made by the same function (`build`: the
+    BuildOptions fields, such as hardware_compat or version_compatible)."""
     image = Tensor("image", "float32", ("batch", 3, "height", "width") if dynamic else (1, 3, 512, 1024))
     logits = Tensor("logits", "float32", ("batch", 19, "height/4", "width/4") if dynamic else (1, 19, 128, 256))
-    return json.loads(json.dumps({
-        "file": name, "precision": "int8", "tensorrt": TRT, "gpu": {"name": GPU, "compute_capability": CC},
-        "inputs": [{**asdict(image), **({"profile": PROFILE} if dynamic else {})}], "outputs": [asdict(logits)],
-        "source": {"file": name.replace(".plan", ".onnx"), "sha256": "0" * 64, "opset": 17},
-        "build": {"strongly_typed": True, "workspace_gib": 4.0, "opt_level": 3, "hardware_compat": "none",
-                  "version_compatible": False, "exclude_lean_runtime": False, "timing_cache": None, "seconds": 41.2,
-                  **build},
-        "metadata": {"classes": '["road", "car"]'}, "sha256": "1" * 64, "bytes": 16,
-    }))
+    ranges = tuple(tuple(PROFILE[k]) for k in ("min", "opt", "max")) if dynamic else ((1, 3, 512, 1024),) * 3
+    meta = engine_record(exported("int8", image.shape), OnnxInfo([image], [logits], "int8", 17, {}),
+                         {"image": ranges}, BuildOptions(**build), onnx_file=name.replace(".plan", ".onnx"),
+                         onnx_sha256="0" * 64, tensorrt=TRT, gpu={"name": GPU, "compute_capability": CC},
+                         timing_cache=None, seconds=41.2)
+    return replace(meta, file=name, sha256="1" * 64, bytes=16)
 
 
-def plan_files(tmp_path: Path, side: dict | None = None) -> Path:
+def plan_files(tmp_path: Path, side: Metadata | None = None) -> Path:
     """A plan-like file (TensorRT is never asked to read it in these tests) and its sidecar."""
     plan = tmp_path / "student.int8.plan"
     plan.write_bytes(b"not a real engine")
-    write_json(sidecar_path(plan), side or sidecar())
+    write_sidecar(plan, side or sidecar())
     return plan
 
 
@@ -59,7 +59,10 @@ def one_line(excinfo: pytest.ExceptionInfo, *parts: str) -> str:
 
 
 def test_load_sidecar(tmp_path):
-    assert load_sidecar(plan_files(tmp_path)) == sidecar()
+    plan = plan_files(tmp_path)
+    meta = load_sidecar(plan)
+    assert meta == replace(sidecar(), sha256=sha256_file(plan), bytes=plan.stat().st_size)
+    assert meta.kind == "plan-int8" and meta.details["inputs"][0]["profile"] == PROFILE
 
 
 def test_load_sidecar_refuses_missing_and_broken_files(tmp_path):
@@ -71,12 +74,19 @@ def test_load_sidecar_refuses_missing_and_broken_files(tmp_path):
     side.unlink()
     with pytest.raises(InputError) as e:
         load_sidecar(plan)
-    one_line(e, str(side), "missing", "trt/build.py")
-    for text, expected in (('{"file": "student.int8.plan", "tensorrt": ', "unreadable engine sidecar"),
-                           ("\xff\xfe", "unreadable engine sidecar"),
-                           ('["a list"]', "missing file, tensorrt, gpu"),
-                           ('{"file": "x", "tensorrt": "10.3", "gpu": {}, "inputs": [], "outputs": [], "build": {}}',
-                            "missing inputs[0]")):
+    one_line(e, str(side), "missing", "sidecar beside it")
+    record = sidecar().to_dict()
+    details = record["details"]
+    no_version = {k: v for k, v in details.items() if k != "tensorrt"}
+    old = {"file": "x", "tensorrt": "10.3", "gpu": {}, "inputs": [], "outputs": [], "build": {}}  # before the record
+    for text, expected in (('{"file": "student.int8.plan", "tensorrt": ', "unreadable sidecar"),
+                           ("\xff\xfe", "unreadable sidecar"),
+                           ('["a list"]', "expected a JSON object"),
+                           (json.dumps(old), "field 'schema' is None"),
+                           (json.dumps({**record, "kind": "onnx-int8"}), "field 'kind' is 'onnx-int8'"),
+                           (json.dumps({**record, "details": no_version}), "field 'details.tensorrt' missing"),
+                           (json.dumps({**record, "details": {**details, "gpu": {}}}), "field 'details.gpu'"),
+                           (json.dumps({**record, "details": {**details, "inputs": []}}), "field 'details.inputs[0]'")):
         side.write_bytes(text.encode("latin-1"))
         with pytest.raises(InputError) as e:
             load_sidecar(plan)
@@ -160,11 +170,11 @@ def test_check_cuda_results():
         cudaSuccess = 0
         cudaErrorMemoryAllocation = 2
 
-    assert _check("cudaMalloc", (cudaError_t.cudaSuccess, 1234)) == 1234
-    assert _check("cudaFree", (cudaError_t.cudaSuccess,)) is None
-    assert _check("cudaStreamGetPriority", (cudaError_t.cudaSuccess, 1, 2)) == (1, 2)
+    assert cuda_check("cudaMalloc", (cudaError_t.cudaSuccess, 1234)) == 1234
+    assert cuda_check("cudaFree", (cudaError_t.cudaSuccess,)) is None
+    assert cuda_check("cudaStreamGetPriority", (cudaError_t.cudaSuccess, 1, 2)) == (1, 2)
     with pytest.raises(ExportError, match=r"^cudaMalloc failed: cudaErrorMemoryAllocation \(error 2\)$"):
-        _check("cudaMalloc", (cudaError_t.cudaErrorMemoryAllocation, 0))
+        cuda_check("cudaMalloc", (cudaError_t.cudaErrorMemoryAllocation, 0))
 
 
 def test_runner_without_tensorrt(tmp_path):
@@ -184,14 +194,28 @@ def engine(tmp_path) -> Path:
     if tensorrt_unavailable():
         pytest.skip(f"needs TensorRT and a CUDA GPU: {tensorrt_unavailable()}")
     pytest.importorskip("cuda.bindings", reason="needs cuda-python (requirements-gpu.txt)")
-    onnx_path = save(graph("fp32", shape=("batch", 3, 8, 8)), tmp_path / "tiny.onnx")  # y = relu(x * 0.5)
-    build_engine(onnx_path, tmp_path / "tiny.plan", min_shapes={"image": (1, 3, 8, 8)},
-                 opt_shapes={"image": (2, 3, 8, 8)}, max_shapes={"image": (4, 3, 8, 8)}, workspace_gib=0.5)
-    return tmp_path / "tiny.plan"
+    # y = relu(x * 0.5) in float16 between float32 I/O: exact for float16 values of x
+    onnx_path = save(graph("fp16", shape=("batch", 3, 8, 8)), tmp_path / "tiny.fp16.onnx")
+    meta = build_engine(onnx_path, tmp_path / "tiny.fp16.plan", min_shapes={"image": (1, 3, 8, 8)},
+                        opt_shapes={"image": (2, 3, 8, 8)}, max_shapes={"image": (4, 3, 8, 8)}, workspace_gib=0.5)
+    assert meta == read_sidecar(tmp_path / "tiny.fp16.plan", verify=True)
+    return tmp_path / "tiny.fp16.plan"
+
+
+def test_build_engine_writes_the_plan_record(engine):
+    import tensorrt as trt
+
+    meta = load_sidecar(engine)
+    onnx_path = engine.with_suffix(".onnx")
+    assert (meta.kind, meta.precision, meta.source, meta.details["source_file"]) == \
+        ("plan-fp16", "fp16", onnx_path.name, onnx_path.name)
+    assert meta.source_sha256 == sha256_file(onnx_path) and meta.sha256 == sha256_file(engine)
+    assert meta.versions["tensorrt"] == meta.details["tensorrt"] == trt.__version__
+    assert meta.details["inputs"][0]["profile"] == {"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [4, 3, 8, 8]}
 
 
 def test_runner_end_to_end(engine):
-    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float16).astype(np.float32)
     with TrtRunner(engine) as runner:
         assert (runner.input_name, runner.output_name, runner.input_shape) == ("image", "y", (2, 3, 8, 8))
         assert runner.input_dtype == runner.output_dtype == np.float32
@@ -204,9 +228,9 @@ def test_runner_end_to_end(engine):
         with pytest.raises(InputError, match="takes float32, got float64"):
             runner.infer(x.astype(np.float64))
         for graph_mode in (False, True):
-            times = runner.time_compute(5, 2, cuda_graph=graph_mode)
+            times = time_compute(runner, 5, 2, cuda_graph=graph_mode)
             assert len(times) == 5 and all(t > 0 for t in times)
-        e2e = runner.time_end_to_end(x, 4, 1)
+        e2e = time_end_to_end(runner, x, 4, 1)
         assert list(e2e) == ["h2d", "compute", "d2h", "total"] and all(len(v) == 4 for v in e2e.values())
         assert all(t >= h for t, h in zip(e2e["total"], e2e["h2d"]))
         torch = pytest.importorskip("torch")
@@ -218,6 +242,6 @@ def test_runner_end_to_end(engine):
 
 def test_runner_refuses_other_tensorrt(engine):
     side = load_sidecar(engine)
-    write_json(sidecar_path(engine), {**side, "tensorrt": "9.0.0"})
+    write_sidecar(engine, replace(side, details={**side.details, "tensorrt": "9.0.0"}))
     with pytest.raises(InputError, match=r"built with TensorRT 9\.0\.0 \(here .*\); rebuild it here"):
         TrtRunner(engine)

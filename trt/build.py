@@ -1,13 +1,4 @@
-"""ONNX -> TensorRT engine with the TensorRT 10 Python API, plus a JSON sidecar; `python -m trt.build` is the CLI.
-
-The precision is decided in the ONNX (FP32, FP16 casts, or Q/DQ INT8) and the network is created strongly typed:
-the weak-typing FP16/INT8 builder flags and implicit INT8 calibration are deprecated in TensorRT 10 and gone in 11.
-Everything that can be checked without TensorRT (arguments, the ONNX, the shape profile) is checked before
-TensorRT is imported, so bad input fails the same way on a CPU machine as on a GPU one.
-
-Outputs: `<name>.plan` and its sidecar `<name>.plan.json` (the same `<artifact>.json` naming as the exported ONNX
-files), both written atomically; the timing cache lives in `<cache dir>/timing-<trt>-<gpu>-sm<cc>.cache`.
-"""
+"""ONNX -> TensorRT engine with the TensorRT 10 Python API, written with its artifact record; `python -m trt.build`."""
 
 from __future__ import annotations
 
@@ -19,12 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING
 
-from pipeline.errors import ExportError, InputError, PipelineError
-from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline import artifacts
+from pipeline.artifacts import ARTIFACTS, Metadata, sidecar_path
+from pipeline.cli import Parser, cli_main
+from pipeline.errors import ExportError, InputError
+from pipeline.io import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -56,12 +50,6 @@ class OnnxInfo:
     precision: str
     opset: int
     metadata: dict[str, str]
-
-
-def sidecar_path(plan: str | os.PathLike) -> Path:
-    """`student.int8.plan` -> `student.int8.plan.json`."""
-    plan = Path(plan)
-    return plan.with_name(plan.name + ".json")
 
 
 def fmt(shape: Sequence[int | str]) -> str:
@@ -224,122 +212,204 @@ def trt_logger(errors: list[str]) -> tensorrt.ILogger:
     return Logger()
 
 
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """The builder settings; the plan's record keeps them in details.build."""
+
+    workspace_gib: float = 4.0
+    opt_level: int = 3
+    hardware_compat: str = "none"  # a key of HARDWARE_COMPAT
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
+
+    def check(self) -> None:
+        if not 0 <= self.opt_level <= 5:
+            raise InputError(f"opt_level={self.opt_level}: expected 0..5")
+        if not self.workspace_gib > 0:
+            raise InputError(f"workspace_gib={self.workspace_gib}: expected > 0")
+        if self.hardware_compat not in HARDWARE_COMPAT:
+            raise InputError(f"hardware_compat={self.hardware_compat!r}: expected one of {', '.join(HARDWARE_COMPAT)}")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise InputError("exclude_lean_runtime only applies to a version-compatible build")
+
+
+def source_record(onnx_path: Path, info: OnnxInfo) -> Metadata:
+    """The record an exported graph carries; InputError for a graph this pipeline did not export, or one whose
+    precision makes no engine kind of the artifact table (FP32: the run directory's engines are FP16 and INT8)."""
+    record = artifacts.read_onnx(info.metadata, str(onnx_path))
+    if artifacts.plan_kind(info.precision) not in ARTIFACTS:
+        engines = artifacts.kinds("tensorrt")
+        graphs = ", ".join(artifacts.run_file(ARTIFACTS[k].source) for k in engines)
+        raise InputError(f"{onnx_path}: an {info.precision.upper()} graph makes no engine kind ({', '.join(engines)}); "
+                         f"build from the FP16 or INT8 ONNX ({graphs})")
+    return record
+
+
+def engine_record(source: Metadata, info: OnnxInfo, profile: Mapping[str, tuple[Shape, Shape, Shape]],
+                  options: BuildOptions, *, onnx_file: str, onnx_sha256: str, tensorrt: str, gpu: Mapping[str, str],
+                  timing_cache: str | None, seconds: float) -> Metadata:
+    """The plan's record: its source graph's record with the engine kind, and in `details` what the runtime checks
+    before TensorRT reads the plan (TensorRT version, GPU, build settings, I/O tensors and the shape profile)."""
+    def tensor(t: Tensor, ranges: tuple[Shape, Shape, Shape] | None = None) -> dict:
+        given = {"profile": dict(zip(("min", "opt", "max"), map(list, ranges)))} if ranges else {}
+        return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), **given}
+
+    build = {"strongly_typed": True, **asdict(options), "timing_cache": timing_cache, "seconds": round(seconds, 1)}
+    inputs = [tensor(t, profile[t.name] if t.dynamic else None) for t in info.inputs]
+    details = {"tensorrt": tensorrt, "gpu": dict(gpu), "build": build, "inputs": inputs,
+               "outputs": [tensor(t) for t in info.outputs], "source_file": onnx_file}
+    return replace(source, kind=artifacts.plan_kind(info.precision), precision=info.precision, source=onnx_file,
+                   source_sha256=onnx_sha256, versions={**source.versions, "tensorrt": tensorrt}, measured={},
+                   details=details)
+
+
+def require_tensorrt(plan_path: Path, hardware_compat: str) -> dict[str, str]:
+    """The GPU to build for (name, compute capability); ExportError where TensorRT or a fitting GPU is missing."""
+    reason = tensorrt_unavailable()
+    if reason:
+        raise ExportError(f"{plan_path.name}: cannot build the engine: {reason}")
+    gpu = gpu_info() or {"name": "unknown", "compute_capability": "0.0"}
+    if hardware_compat == "ampere+" and int(gpu["compute_capability"].split(".")[0]) < 8:
+        raise ExportError(f"{plan_path.name}: hardware_compat ampere+ needs an Ampere or newer GPU, not {gpu['name']}")
+    return gpu
+
+
+def parse_network(builder: tensorrt.Builder, logger: tensorrt.ILogger,
+                  onnx_path: Path) -> tuple[tensorrt.INetworkDefinition, tensorrt.OnnxParser]:
+    """The ONNX as a strongly typed network: the precision is the graph's (FP32, FP16 casts or Q/DQ INT8); the
+    weak-typing FP16/INT8 builder flags and implicit INT8 calibration are deprecated in TensorRT 10 and gone in 11.
+    The parser owns the network's weights, so the caller keeps it until the build is done."""
+    import tensorrt as trt
+
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # by path, so external weights next to the ONNX are found
+        why = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ") for i in range(parser.num_errors))
+        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {why or 'no error reported'}")
+    return network, parser
+
+
+def builder_config(builder: tensorrt.Builder, options: BuildOptions) -> tensorrt.IBuilderConfig:
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    config.builder_optimization_level = options.opt_level
+    level = HARDWARE_COMPAT[options.hardware_compat]
+    try:
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+    except AttributeError:  # SAME_COMPUTE_CAPABILITY arrived after 10.3
+        raise ExportError(f"hardware_compat {options.hardware_compat}: not in TensorRT {trt.__version__}") from None
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if options.exclude_lean_runtime:
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    return config
+
+
+def add_profile(builder: tensorrt.Builder, config: tensorrt.IBuilderConfig, inputs: Sequence[Tensor],
+                profile: Mapping[str, tuple[Shape, Shape, Shape]], onnx_path: Path) -> None:
+    """The optimisation profile, which a network with dynamic inputs needs (a static one takes none)."""
+    import tensorrt as trt
+
+    if not any(t.dynamic for t in inputs):
+        return
+    shapes = builder.create_optimization_profile()
+    for name, (mn, opt, mx) in profile.items():
+        shapes.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
+    if config.add_optimization_profile(shapes) < 0:
+        raise ExportError(f"{onnx_path}: TensorRT rejected the shape profile {dict(profile)}")
+
+
+def load_timing_cache(config: tensorrt.IBuilderConfig, cache_dir: str | os.PathLike | None,
+                      gpu: Mapping[str, str]) -> Path | None:
+    """Give the builder the cache of this TensorRT version and GPU (a fresh one where it is missing or unusable);
+    returns its file, or None without a cache folder."""
+    import tensorrt as trt
+
+    if cache_dir is None:
+        return None
+    cache_file = timing_cache_path(cache_dir, trt.__version__, gpu["name"], gpu["compute_capability"])
+    data = cache_file.read_bytes() if cache_file.is_file() else b""
+    try:  # a damaged file: TensorRT returns no cache, raises, or refuses it; then start a fresh one
+        cache = config.create_timing_cache(data)
+        usable = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except (RuntimeError, TypeError):
+        usable = False
+    if not usable:
+        log.warning("%s: unusable timing cache, starting a new one", cache_file)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return cache_file
+
+
+def save_timing_cache(config: tensorrt.IBuilderConfig, cache_file: Path | None) -> None:
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
+
+
+def serialize(builder: tensorrt.Builder, network: tensorrt.INetworkDefinition, config: tensorrt.IBuilderConfig,
+              onnx_path: Path, errors: Sequence[str]) -> tuple[tensorrt.IHostMemory, float]:
+    """The serialized plan and the seconds the build took; ExportError with TensorRT's last error on failure."""
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:  # the stubs say IHostMemory; the documented failure value is None
+        raise ExportError(f"{onnx_path}: TensorRT could not build the engine: {errors[-1] if errors else 'no error'}")
+    return plan, seconds
+
+
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike | None = None, *,
                  min_shapes: Mapping[str, Sequence[int]] | None = None,
                  opt_shapes: Mapping[str, Sequence[int]] | None = None,
                  max_shapes: Mapping[str, Sequence[int]] | None = None,
                  workspace_gib: float = 4.0, opt_level: int = 3, timing_cache_dir: str | os.PathLike | None = None,
                  hardware_compat: str = "none", version_compatible: bool = False,
-                 exclude_lean_runtime: bool = False) -> dict:
-    """Build `plan_path` (default: the ONNX path with .plan) and its sidecar; returns the sidecar's content.
-    Raises InputError for bad arguments or ONNX, ExportError where TensorRT is missing or the build fails;
-    either way no plan is left behind."""
+                 exclude_lean_runtime: bool = False) -> Metadata:
+    """Build `plan_path` (default: the ONNX path with .plan) from a graph the export stage wrote, and its sidecar
+    `<plan>.json`; returns the plan's record. Everything that needs no TensorRT (arguments, the ONNX and its record,
+    the shape profile) is checked first, so bad input fails the same way on a CPU machine as on a GPU one: InputError
+    for bad arguments or ONNX, ExportError where TensorRT is missing or the build fails; either way no plan is left."""
     onnx_path = Path(onnx_path)
     plan_path = Path(plan_path) if plan_path is not None else onnx_path.with_suffix(".plan")
     info = inspect_onnx(onnx_path)
+    source = source_record(onnx_path, info)
     profile = resolve_profile(info.inputs, min_shapes, opt_shapes, max_shapes)
     if plan_path.resolve() == onnx_path.resolve():
         raise InputError(f"{plan_path}: the engine would overwrite its ONNX")
-    if not 0 <= opt_level <= 5:
-        raise InputError(f"opt_level={opt_level}: expected 0..5")
-    if not workspace_gib > 0:
-        raise InputError(f"workspace_gib={workspace_gib}: expected > 0")
-    if hardware_compat not in HARDWARE_COMPAT:
-        raise InputError(f"hardware_compat={hardware_compat!r}: expected one of {', '.join(HARDWARE_COMPAT)}")
-    if exclude_lean_runtime and not version_compatible:
-        raise InputError("exclude_lean_runtime only applies to a version-compatible build")
-    reason = tensorrt_unavailable()
-    if reason:
-        raise ExportError(f"{plan_path.name}: cannot build the engine: {reason}")
+    options = BuildOptions(workspace_gib, opt_level, hardware_compat, version_compatible, exclude_lean_runtime)
+    options.check()
+    gpu = require_tensorrt(plan_path, hardware_compat)
     import tensorrt as trt
 
-    gpu = gpu_info() or {"name": "unknown", "compute_capability": "0.0"}
-    if hardware_compat == "ampere+" and int(gpu["compute_capability"].split(".")[0]) < 8:
-        raise ExportError(f"{plan_path.name}: hardware_compat ampere+ needs an Ampere or newer GPU, not {gpu['name']}")
     errors: list[str] = []
     logger = trt_logger(errors)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # by path, so external weights next to the ONNX are found
-        why = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ") for i in range(parser.num_errors))
-        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {why or 'no error reported'}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    config.builder_optimization_level = opt_level
-    try:
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[hardware_compat])
-    except AttributeError:  # SAME_COMPUTE_CAPABILITY arrived after 10.3
-        raise ExportError(f"hardware_compat {hardware_compat}: not in TensorRT {trt.__version__}") from None
-    if version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if exclude_lean_runtime:
-        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
-    if any(t.dynamic for t in info.inputs):
-        shapes = builder.create_optimization_profile()
-        for name, (mn, opt, mx) in profile.items():
-            shapes.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
-        if config.add_optimization_profile(shapes) < 0:
-            raise ExportError(f"{onnx_path}: TensorRT rejected the shape profile {profile}")
-
-    cache_file = None
-    if timing_cache_dir is not None:
-        cache_file = timing_cache_path(timing_cache_dir, trt.__version__, gpu["name"], gpu["compute_capability"])
-        data = cache_file.read_bytes() if cache_file.is_file() else b""
-        try:  # a damaged file: TensorRT returns no cache, raises, or refuses it; then start a fresh one
-            cache = config.create_timing_cache(data)
-            usable = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
-        except (RuntimeError, TypeError):
-            usable = False
-        if not usable:
-            log.warning("%s: unusable timing cache, starting a new one", cache_file)
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
+    network, onnx_parser = parse_network(builder, logger, onnx_path)  # onnx_parser owns the weights: kept to the end
+    config = builder_config(builder, options)
+    add_profile(builder, config, info.inputs, profile, onnx_path)
+    cache_file = load_timing_cache(config, timing_cache_dir, gpu)
     log.info("building %s from %s (%s, TensorRT %s, %s)", plan_path.name, onnx_path.name, info.precision,
              trt.__version__, gpu["name"])
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if plan is None:  # the stubs say IHostMemory; the documented failure value is None
-        raise ExportError(f"{onnx_path}: TensorRT could not build the engine: {errors[-1] if errors else 'no error'}")
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(config.get_timing_cache().serialize())
+    plan, seconds = serialize(builder, network, config, onnx_path, errors)
+    save_timing_cache(config, cache_file)
 
-    inputs = [{**asdict(t), **({"profile": dict(zip(("min", "opt", "max"), map(list, profile[t.name])))}
-                               if t.dynamic else {})} for t in info.inputs]
-    sidecar: dict[str, Any] = {
-        "file": plan_path.name, "precision": info.precision, "tensorrt": trt.__version__, "gpu": gpu,
-        "inputs": inputs, "outputs": [asdict(t) for t in info.outputs],
-        "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": info.opset},
-        "build": {"strongly_typed": True, "workspace_gib": workspace_gib, "opt_level": opt_level,
-                  "hardware_compat": hardware_compat, "version_compatible": version_compatible,
-                  "exclude_lean_runtime": exclude_lean_runtime,
-                  "timing_cache": cache_file.name if cache_file else None, "seconds": round(seconds, 1)},
-        "metadata": info.metadata,
-    }
+    meta = engine_record(source, info, profile, options, onnx_file=onnx_path.name,
+                         onnx_sha256=sha256_file(onnx_path), tensorrt=trt.__version__, gpu=gpu,
+                         timing_cache=cache_file.name if cache_file else None, seconds=seconds)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan)
-        sidecar.update(sha256=sha256_file(tmp), bytes=tmp.stat().st_size)
-        write_json(sidecar_path(plan_path), sidecar)
-    log.info("wrote %s (%.1f MB, %.0f s) and %s", plan_path, sidecar["bytes"] / 1e6, seconds,
-             sidecar_path(plan_path).name)
-    return sidecar
+    meta = artifacts.save(plan_path, lambda staged: staged.write_bytes(plan), meta)
+    log.info("wrote %s (%.1f MB, %.0f s) and %s", plan_path, meta.bytes / 1e6, seconds, sidecar_path(plan_path).name)
+    return meta
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, where argparse prints usage + error
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="python -m trt.build", description="ONNX -> TensorRT engine (strongly typed; the precision "
-                                                         "comes from the ONNX) plus a JSON sidecar.")
-    p.add_argument("onnx", help="FP32, FP16 or Q/DQ INT8 ONNX file")
+def cli_parser() -> Parser:
+    p = Parser(prog="python -m trt.build", description="ONNX -> TensorRT engine (strongly typed; the precision comes "
+                                                        "from the ONNX) plus its artifact record.")
+    p.add_argument("onnx", help="FP16 or Q/DQ INT8 ONNX file written by the export stage")
     p.add_argument("-o", "--output", help="engine file (default: the ONNX path with .plan)")
     for kind in ("min", "opt", "max"):
         p.add_argument(f"--{kind}", default="", help=f"{kind} shapes of dynamic inputs, e.g. image:1x3x512x1024")
@@ -350,17 +420,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version-compatible", action="store_true", help="plan runs on later TensorRT 10.x runtimes")
     p.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plan")
     p.add_argument("-v", "--verbose", action="store_true", help="also TensorRT's info messages")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
-    try:
-        build_engine(a.onnx, a.output, min_shapes=parse_shapes(a.min), opt_shapes=parse_shapes(a.opt),
-                     max_shapes=parse_shapes(a.max), workspace_gib=a.workspace, opt_level=a.opt_level,
-                     timing_cache_dir=a.timing_cache, hardware_compat=a.hardware_compat,
-                     version_compatible=a.version_compatible, exclude_lean_runtime=a.exclude_lean_runtime)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return p
+
+
+def run(a: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.DEBUG if a.verbose or a.debug else logging.INFO, format="%(message)s")
+    build_engine(a.onnx, a.output, min_shapes=parse_shapes(a.min), opt_shapes=parse_shapes(a.opt),
+                 max_shapes=parse_shapes(a.max), workspace_gib=a.workspace, opt_level=a.opt_level,
+                 timing_cache_dir=a.timing_cache, hardware_compat=a.hardware_compat,
+                 version_compatible=a.version_compatible, exclude_lean_runtime=a.exclude_lean_runtime)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(cli_parser(), run, argv)
 
 
 if __name__ == "__main__":

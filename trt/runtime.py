@@ -1,14 +1,9 @@
-"""Run a TensorRT engine built by trt/build.py: the TensorRT 10 tensor-address API on a cuda-python stream.
-
-The plan's sidecar (TensorRT version, GPU, shape profile) is checked before TensorRT reads the plan; then `TrtRunner`
-serves numpy (`infer`, through pinned host buffers) or torch CUDA tensors (`infer_torch`, no host copies), and the
-timing primitives of the latency benchmark, measured with CUDA events on the runner's own stream.
-"""
+"""Run a TensorRT engine built by trt/build.py (TensorRT 10 tensor-address API, cuda-python stream) once its record
+fits this TensorRT and GPU; the timing loops over the runner's primitives are in trt/timing.py."""
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import artifacts
+from pipeline.artifacts import Metadata, sidecar_path
 from pipeline.errors import ExportError, InputError
-from trt.build import fmt, sidecar_path, tensorrt_unavailable, trt_logger
+from trt.build import fmt, tensorrt_unavailable, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt
@@ -27,39 +24,43 @@ if TYPE_CHECKING:
 
 Shape = tuple[int, ...]
 NO_CUDA_PYTHON = "cuda-python is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
-SIDECAR_KEYS = ("file", "tensorrt", "gpu", "inputs", "outputs", "build")
 # TensorRT I/O types numpy can hold; BF16, FP8, FP4 and INT4 have no numpy type (trt.nptype refuses them too)
 NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
                 "BOOL": "bool", "UINT8": "uint8"}
 
 
-def load_sidecar(plan: str | os.PathLike) -> dict:
-    """The `<plan>.json` trt/build.py wrote beside the engine."""
-    plan, side = Path(plan), sidecar_path(plan)
+def load_sidecar(plan: str | os.PathLike) -> Metadata:
+    """The validated record beside an engine (`<plan>.json`, artifacts.read_sidecar), of an engine kind, whose
+    details hold what the runtime checks: the TensorRT version, the GPU, the build and the input with its shape."""
+    plan = Path(plan)
     if not plan.is_file():
         raise InputError(f"{plan}: no such TensorRT engine file")
-    try:
-        data = json.loads(side.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{side}: missing; expected the sidecar trt/build.py writes beside {plan.name}") from None
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise InputError(f"{side}: unreadable engine sidecar ({(str(e) or type(e).__name__).splitlines()[0]})") \
-            from None
-    missing = [k for k in SIDECAR_KEYS if k not in data] if isinstance(data, dict) else list(SIDECAR_KEYS)
-    if not missing and not (data["inputs"] and {"name", "shape"} <= set(data["inputs"][0])):
-        missing = ["inputs[0].name/shape"]
-    if missing:
-        raise InputError(f"{side}: not a trt/build.py engine sidecar (missing {', '.join(missing)})")
-    return data
+    meta, where = artifacts.read_sidecar(plan), sidecar_path(plan)
+    engines = artifacts.kinds("tensorrt")
+    if meta.kind not in engines:
+        raise InputError(f"{where}: field 'kind' is {meta.kind!r}; an engine's record is one of {', '.join(engines)}")
+    d = meta.details
+    inputs, gpu = d["inputs"], d["gpu"]
+    checks = (("details.tensorrt", isinstance(d["tensorrt"], str), "a version string"),
+              ("details.gpu", isinstance(gpu, dict) and {"name", "compute_capability"} <= set(gpu),
+               "an object with name and compute_capability"),
+              ("details.build", isinstance(d["build"], dict), "an object"),
+              ("details.inputs[0]", isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], dict)
+               and {"name", "dtype", "shape"} <= set(inputs[0]), "an object with name, dtype and shape"))
+    for name, ok, expected in checks:
+        if not ok:
+            raise InputError(f"{where}: field {name!r}: expected {expected}")
+    return meta
 
 
 def _numbers(version: str) -> Shape:
     return tuple(int(p) for p in re.findall(r"\d+", version))
 
 
-def sidecar_mismatch(sidecar: dict, trt_version: str, gpu_name: str, compute_capability: str) -> str | None:
-    """None when the engine may run with this TensorRT on this GPU, else one line saying what differs."""
-    build, gpu, built = sidecar["build"], sidecar["gpu"], sidecar["tensorrt"]
+def sidecar_mismatch(meta: Metadata, trt_version: str, gpu_name: str, compute_capability: str) -> str | None:
+    """None when the engine of record `meta` may run with this TensorRT on this GPU, else one line saying what
+    differs."""
+    build, gpu, built = meta.details["build"], meta.details["gpu"], meta.details["tensorrt"]
     version, cc, problems = _numbers(trt_version), _numbers(compute_capability), []
     # a plan is tied to its exact TensorRT version unless built version-compatible, when later runtimes take it too
     # (trt/build.py promises later 10.x only: TensorRT removes APIs at major versions)
@@ -81,11 +82,11 @@ def sidecar_mismatch(sidecar: dict, trt_version: str, gpu_name: str, compute_cap
     return "; ".join(problems) or None
 
 
-def check_shape(sidecar: dict, shape: Sequence[int]) -> None:
+def check_shape(meta: Metadata, shape: Sequence[int]) -> None:
     """The input shape must be the engine's static shape, or lie within the optimisation profile it was built with."""
-    inp, asked = sidecar["inputs"][0], tuple(int(d) for d in shape)
+    inp, asked = meta.details["inputs"][0], tuple(int(d) for d in shape)
     dims, profile = inp["shape"], inp.get("profile")
-    where = f"{sidecar['file']}: input {inp['name']!r} shape {fmt(asked)}"
+    where = f"{meta.file}: input {inp['name']!r} shape {fmt(asked)}"
     if len(asked) != len(dims):
         raise InputError(f"{where}: expected {len(dims)} dims ({fmt(dims)})")
     if profile is None and asked != tuple(dims):
@@ -116,7 +117,7 @@ def _dims(dims: tensorrt.Dims) -> Shape:
     return tuple(dims[i] for i in range(len(dims)))
 
 
-def _check(call: str, result: tuple) -> Any:
+def cuda_check(call: str, result: tuple) -> Any:
     """cuda-python returns (error, *values): raise on an error, else the value (a tuple for several, None for none)."""
     err, *values = result
     if err:  # cudaError_t is an IntEnum and cudaSuccess is 0
@@ -124,12 +125,24 @@ def _check(call: str, result: tuple) -> Any:
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
-def _cudart() -> Any:
+def cudart() -> Any:
+    """cuda-python's runtime module (ImportError where cuda-python is missing)."""
     try:
         from cuda.bindings import runtime
     except ImportError:
         from cuda import cudart as runtime  # cuda-python before 12.6.1 (no cuda.bindings)
     return runtime
+
+
+def require_runtime(plan: Path) -> Any:
+    """cuda-python's runtime module; ExportError where TensorRT, a CUDA GPU or cuda-python is missing."""
+    reason = tensorrt_unavailable()
+    if reason is None:
+        try:
+            return cudart()
+        except ImportError:
+            reason = NO_CUDA_PYTHON
+    raise ExportError(f"{plan}: cannot run the engine: {reason}")
 
 
 @dataclass
@@ -139,127 +152,149 @@ class _Buffer:
     host: int = 0
     nbytes: int = 0
 
+    def reserve(self, rt: Any, nbytes: int) -> None:
+        if nbytes > self.nbytes:
+            self.free(rt)
+            self.device = cuda_check("cudaMalloc", rt.cudaMalloc(nbytes))
+            self.host = cuda_check("cudaMallocHost", rt.cudaMallocHost(nbytes))
+            self.nbytes = nbytes
+            ctypes.memset(self.host, 0, nbytes)  # time_compute may run before any input: time zeros, not junk
+
+    def free(self, rt: Any) -> None:
+        if self.device:
+            cuda_check("cudaFree", rt.cudaFree(self.device))
+        if self.host:
+            cuda_check("cudaFreeHost", rt.cudaFreeHost(self.host))
+        self.device = self.host = self.nbytes = 0
+
 
 class TrtRunner:
-    """One engine, one execution context and one non-blocking stream; one input tensor and one output tensor."""
+    """One engine, one execution context and one non-blocking stream; one input tensor and one output tensor.
+    `infer` serves numpy through pinned host buffers, `infer_torch` CUDA tensors in place; `load`, `bind`,
+    `copy_to_device`, `execute` and `copy_to_host` are the steps trt/timing.py times on `stream`."""
 
     def __init__(self, plan: str | os.PathLike, device: int = 0) -> None:
         self.plan, self.device = Path(plan), device
-        self.sidecar = load_sidecar(self.plan)
-        reason = tensorrt_unavailable()
-        if reason is None:
-            try:
-                self._rt = _cudart()
-            except ImportError:
-                reason = NO_CUDA_PYTHON
-        if reason:
-            raise ExportError(f"{self.plan}: cannot run the engine: {reason}")
+        self.meta = load_sidecar(self.plan)  # first: a bad record is refused on any machine, before TensorRT
+        self._rt = require_runtime(self.plan)
         import tensorrt as trt
 
-        rt = self._rt
-        _check("cudaSetDevice", rt.cudaSetDevice(device))
-        props = _check("cudaGetDeviceProperties", rt.cudaGetDeviceProperties(device))
-        name = props.name.decode(errors="replace").rstrip("\0")  # the name torch and nvidia-smi report
-        why = sidecar_mismatch(self.sidecar, trt.__version__, name, f"{props.major}.{props.minor}")
-        if why:
-            raise InputError(f"{self.plan}: {why}; rebuild it here with python -m trt.build")
+        cuda_check("cudaSetDevice", self._rt.cudaSetDevice(device))
+        self._refuse_mismatch(trt.__version__)
         self._errors: list[str] = []
         self._runtime = trt.Runtime(trt_logger(self._errors))  # kept: the runtime must outlive its engine
-        if self.sidecar["build"].get("version_compatible") and not self.sidecar["build"].get("exclude_lean_runtime"):
+        self.engine = self._deserialize()
+        self.input_name, self.output_name = self._io_names()
+        self.input_dtype, self.output_dtype = (numpy_dtype(self.engine.get_tensor_dtype(n).name, f"{self.plan} {n!r}")
+                                               for n in (self.input_name, self.output_name))
+        self._dynamic = min(_dims(self.engine.get_tensor_shape(self.input_name)), default=0) < 0
+        context = self.engine.create_execution_context()
+        if context is None:  # as for the engine: None on failure, typically out of GPU memory
+            raise ExportError(f"{self.plan}: TensorRT could not create an execution context: {self.last_error()}")
+        self.context: tensorrt.IExecutionContext = context
+        # TensorRT documents that the default stream costs extra synchronisation: use a non-blocking one of our own
+        flags = self._rt.cudaStreamNonBlocking
+        self.stream: Any = cuda_check("cudaStreamCreateWithFlags", self._rt.cudaStreamCreateWithFlags(flags))
+        self._in, self._out = _Buffer(), _Buffer()
+        self._torch_out: torch.Tensor | None = None
+        self.input_shape: Shape = ()
+        self.output_shape: Shape = ()
+        inp = self.meta.details["inputs"][0]
+        try:
+            self.set_input_shape(inp["profile"]["opt"] if "profile" in inp else inp["shape"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse_mismatch(self, trt_version: str) -> None:
+        props = cuda_check("cudaGetDeviceProperties", self._rt.cudaGetDeviceProperties(self.device))
+        name = props.name.decode(errors="replace").rstrip("\0")  # the name torch and nvidia-smi report
+        why = sidecar_mismatch(self.meta, trt_version, name, f"{props.major}.{props.minor}")
+        if why:
+            raise InputError(f"{self.plan}: {why}; rebuild it here with python -m trt.build")
+
+    def _deserialize(self) -> tensorrt.ICudaEngine:
+        build = self.meta.details["build"]
+        if build.get("version_compatible") and not build.get("exclude_lean_runtime"):
             self._runtime.engine_host_code_allowed = True  # the plan carries its lean runtime, which is host code
         engine = self._runtime.deserialize_cuda_engine(self.plan.read_bytes())
         if engine is None:  # the stubs say ICudaEngine; the documented failure value is None
-            raise ExportError(f"{self.plan}: TensorRT could not deserialize the engine: {self._last_error()}")
-        self.engine: tensorrt.ICudaEngine = engine
+            raise ExportError(f"{self.plan}: TensorRT could not deserialize the engine: {self.last_error()}")
+        return engine
+
+    def _io_names(self) -> tuple[str, str]:
+        import tensorrt as trt
+
+        engine = self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
             raise ExportError(f"{self.plan}: expected one input and one output, found {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_dtype, self.output_dtype = (numpy_dtype(engine.get_tensor_dtype(n).name, f"{self.plan} {n!r}")
-                                               for n in (self.input_name, self.output_name))
-        self._dynamic = min(_dims(engine.get_tensor_shape(self.input_name)), default=0) < 0
-        context = engine.create_execution_context()
-        if context is None:  # as for the engine: None on failure, typically out of GPU memory
-            raise ExportError(f"{self.plan}: TensorRT could not create an execution context: {self._last_error()}")
-        self.context: tensorrt.IExecutionContext = context
-        # TensorRT documents that the default stream costs extra synchronisation: use a non-blocking one of our own
-        self._stream = _check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
-        self._events = [_check("cudaEventCreate", rt.cudaEventCreate()) for _ in range(4)]
-        self._in, self._out = _Buffer(), _Buffer()
-        self._torch_out: torch.Tensor | None = None
-        self.input_shape: Shape = ()
-        self.output_shape: Shape = ()
-        profile = self.sidecar["inputs"][0].get("profile")
-        try:
-            self.set_input_shape(profile["opt"] if profile else self.sidecar["inputs"][0]["shape"])
-        except BaseException:
-            self.close()
-            raise
+        return inputs[0], outputs[0]
 
-    def _last_error(self) -> str:
+    def last_error(self) -> str:
+        """TensorRT's last logged error, for the one-line message of a failed call."""
         return self._errors[-1] if self._errors else "no error reported"
 
     def set_input_shape(self, shape: Sequence[int]) -> None:
         """Set the input shape; the buffers are reallocated only when they must grow."""
         shape = tuple(int(d) for d in shape)
-        check_shape(self.sidecar, shape)
+        check_shape(self.meta, shape)
         if self._dynamic and not self.context.set_input_shape(self.input_name, shape):
-            raise InputError(f"{self.plan}: TensorRT refused input shape {fmt(shape)}: {self._last_error()}")
+            raise InputError(f"{self.plan}: TensorRT refused input shape {fmt(shape)}: {self.last_error()}")
         out = _dims(self.context.get_tensor_shape(self.output_name))
         if min(out, default=0) < 0:
             raise ExportError(f"{self.plan}: output {self.output_name!r} has a data-dependent shape {fmt(out)}")
         self.input_shape, self.output_shape = shape, out
         for buf, dtype, s in ((self._in, self.input_dtype, shape), (self._out, self.output_dtype, out)):
-            if (nbytes := int(np.prod(s, dtype=np.int64)) * dtype.itemsize) > buf.nbytes:
-                self._free(buf)
-                buf.device = _check("cudaMalloc", self._rt.cudaMalloc(nbytes))
-                buf.host = _check("cudaMallocHost", self._rt.cudaMallocHost(nbytes))
-                buf.nbytes = nbytes
-                ctypes.memset(buf.host, 0, nbytes)  # time_compute may run before any input: time zeros, not junk
+            buf.reserve(self._rt, int(np.prod(s, dtype=np.int64)) * dtype.itemsize)
         self._host_in = pinned_array(self._in.host, self.input_dtype, shape)
         self._host_out = pinned_array(self._out.host, self.output_dtype, out)
 
-    def _free(self, buf: _Buffer) -> None:
-        if buf.device:
-            _check("cudaFree", self._rt.cudaFree(buf.device))
-        if buf.host:
-            _check("cudaFreeHost", self._rt.cudaFreeHost(buf.host))
-        buf.device = buf.host = buf.nbytes = 0
-
-    def _bind(self, input_ptr: int, output_ptr: int) -> None:
-        for name, ptr in ((self.input_name, input_ptr), (self.output_name, output_ptr)):
+    def bind(self, input_ptr: int | None = None, output_ptr: int | None = None) -> None:
+        """Point the engine's input and output at device memory: the runner's own buffers unless given."""
+        for name, ptr in ((self.input_name, self._in.device if input_ptr is None else input_ptr),
+                          (self.output_name, self._out.device if output_ptr is None else output_ptr)):
             if not self.context.set_tensor_address(name, ptr):
-                raise ExportError(f"{self.plan}: TensorRT refused the address of {name!r}: {self._last_error()}")
+                raise ExportError(f"{self.plan}: TensorRT refused the address of {name!r}: {self.last_error()}")
 
-    def _execute(self, stream: int) -> None:
-        if not self.context.execute_async_v3(stream):
-            raise ExportError(f"{self.plan}: TensorRT execution failed: {self._last_error()}")
+    def execute(self, stream: int | None = None) -> None:
+        """Enqueue one inference on `stream` (the runner's by default); returns before it has run."""
+        if not self.context.execute_async_v3(int(self.stream) if stream is None else stream):
+            raise ExportError(f"{self.plan}: TensorRT execution failed: {self.last_error()}")
 
-    def _copy(self, to_device: bool) -> None:
-        rt = self._rt
-        if to_device:
-            args = (self._in.device, self._in.host, self._host_in.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
-        else:
-            args = (self._out.host, self._out.device, self._host_out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-        _check("cudaMemcpyAsync", rt.cudaMemcpyAsync(*args, self._stream))
+    def copy_to_device(self) -> None:
+        """Enqueue the pinned host input's copy into the device input buffer on the runner's stream."""
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_check("cudaMemcpyAsync", self._rt.cudaMemcpyAsync(self._in.device, self._in.host, self._host_in.nbytes,
+                                                               kind, self.stream))
 
-    def _load(self, x: np.ndarray) -> None:
+    def copy_to_host(self) -> None:
+        """Enqueue the device output's copy into the pinned host output on the runner's stream."""
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_check("cudaMemcpyAsync", self._rt.cudaMemcpyAsync(self._out.host, self._out.device,
+                                                               self._host_out.nbytes, kind, self.stream))
+
+    def synchronize(self) -> None:
+        cuda_check("cudaStreamSynchronize", self._rt.cudaStreamSynchronize(self.stream))
+
+    def load(self, x: np.ndarray) -> None:
+        """Put `x` in the pinned host input (resizing for a new shape) and bind the runner's own buffers."""
         if x.dtype != self.input_dtype:
             raise InputError(f"{self.plan}: input {self.input_name!r} takes {self.input_dtype}, got {x.dtype}")
         if tuple(x.shape) != self.input_shape:
             self.set_input_shape(x.shape)
         np.copyto(self._host_in, x)
-        self._bind(self._in.device, self._out.device)
+        self.bind()
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """x -> a new array with the engine's output; H2D, execute and D2H on the runner's stream, then a sync."""
-        self._load(x)
-        self._copy(to_device=True)
-        self._execute(int(self._stream))
-        self._copy(to_device=False)
-        _check("cudaStreamSynchronize", self._rt.cudaStreamSynchronize(self._stream))
+        self.load(x)
+        self.copy_to_device()
+        self.execute()
+        self.copy_to_host()
+        self.synchronize()
         return self._host_out.copy()
 
     def infer_torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,88 +312,20 @@ class TrtRunner:
         if self._torch_out is None or tuple(self._torch_out.shape) != self.output_shape:
             out_dtype = torch.from_numpy(np.empty(0, self.output_dtype)).dtype
             self._torch_out = torch.empty(self.output_shape, dtype=out_dtype, device=x.device)
-        self._bind(x.data_ptr(), self._torch_out.data_ptr())
-        self._execute(torch.cuda.current_stream(x.device).cuda_stream)
+        self.bind(x.data_ptr(), self._torch_out.data_ptr())
+        self.execute(torch.cuda.current_stream(x.device).cuda_stream)
         return self._torch_out
 
-    def _record(self, event: Any) -> None:
-        _check("cudaEventRecord", self._rt.cudaEventRecord(event, self._stream))
-
-    def _elapsed(self, start: Any, end: Any) -> float:
-        return float(_check("cudaEventElapsedTime", self._rt.cudaEventElapsedTime(start, end)))
-
-    def time_compute(self, iterations: int, warmup: int, cuda_graph: bool = False) -> list[float]:
-        """Milliseconds per execute (the input already on the device), or per launch of a CUDA graph of one execute.
-        Each iteration waits for the last, so the host's launch overhead counts: what a CUDA graph saves."""
-        rt, stream, (start, end) = self._rt, int(self._stream), self._events[:2]
-        self._bind(self._in.device, self._out.device)
-        self._copy(to_device=True)
-        graph = graph_exec = None
-        captured = True
-        if cuda_graph:
-            # TensorRT updates shape-dependent state on the first enqueue after set_input_shape, work that must stay
-            # out of the graph: execute once before capturing
-            self._execute(stream)
-            _check("cudaStreamSynchronize", rt.cudaStreamSynchronize(self._stream))
-            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads' CUDA calls are not ours
-            _check("cudaStreamBeginCapture", rt.cudaStreamBeginCapture(self._stream, mode))
-            captured = self.context.execute_async_v3(stream)
-            graph = _check("cudaStreamEndCapture", rt.cudaStreamEndCapture(self._stream))  # ended even on failure
-        try:
-            if not captured:
-                raise ExportError(f"{self.plan}: TensorRT could not be captured in a CUDA graph: {self._last_error()}")
-            if cuda_graph:
-                graph_exec = _check("cudaGraphInstantiate", rt.cudaGraphInstantiate(graph, 0))
-            times = []
-            for i in range(warmup + iterations):
-                self._record(start)
-                if graph_exec is None:
-                    self._execute(stream)
-                else:
-                    _check("cudaGraphLaunch", rt.cudaGraphLaunch(graph_exec, self._stream))
-                self._record(end)
-                _check("cudaEventSynchronize", rt.cudaEventSynchronize(end))
-                if i >= warmup:
-                    times.append(self._elapsed(start, end))
-            return times
-        finally:
-            if graph_exec is not None:
-                _check("cudaGraphExecDestroy", rt.cudaGraphExecDestroy(graph_exec))
-            if graph is not None:
-                _check("cudaGraphDestroy", rt.cudaGraphDestroy(graph))
-
-    def time_end_to_end(self, x: np.ndarray, iterations: int, warmup: int) -> dict[str, list[float]]:
-        """Milliseconds per iteration for H2D, execute, D2H and all three, pinned host buffer to pinned host buffer
-        (the numpy copies into and out of the pinned buffers are host work that CUDA events do not see)."""
-        self._load(x)
-        e0, e1, e2, e3 = self._events
-        times: dict[str, list[float]] = {"h2d": [], "compute": [], "d2h": [], "total": []}
-        for i in range(warmup + iterations):
-            self._record(e0)
-            self._copy(to_device=True)
-            self._record(e1)
-            self._execute(int(self._stream))
-            self._record(e2)
-            self._copy(to_device=False)
-            self._record(e3)
-            _check("cudaEventSynchronize", self._rt.cudaEventSynchronize(e3))
-            if i >= warmup:
-                for key, (a, b) in zip(times, ((e0, e1), (e1, e2), (e2, e3), (e0, e3))):
-                    times[key].append(self._elapsed(a, b))
-        return times
-
     def close(self) -> None:
-        """Free the buffers, events and stream; safe to call twice."""
-        if self._stream is None:
+        """Free the buffers and the stream; safe to call twice."""
+        if self.stream is None:
             return
-        _check("cudaStreamSynchronize", self._rt.cudaStreamSynchronize(self._stream))
+        self.synchronize()
         self._torch_out = None
         for buf in (self._in, self._out):
-            self._free(buf)
-        for event in self._events:
-            _check("cudaEventDestroy", self._rt.cudaEventDestroy(event))
-        _check("cudaStreamDestroy", self._rt.cudaStreamDestroy(self._stream))
-        self._stream, self._events = None, []
+            buf.free(self._rt)
+        cuda_check("cudaStreamDestroy", self._rt.cudaStreamDestroy(self.stream))
+        self.stream = None
 
     def __enter__(self) -> TrtRunner:
         return self
