@@ -1,5 +1,4 @@
-"""One Trainer for the teacher, the student alone and distillation: AMP, torchrun DDP, atomic checkpoints and
-exact resume."""
+"""One Trainer for a teacher, a student alone or distillation: AMP, torchrun DDP, atomic checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.artifacts import run_file
+from pipeline.config import Config, keys
 from pipeline.distill.methods import DistillMethod
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
@@ -141,23 +141,128 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if setting == "bf16" else torch.float16
 
 
+def place(modules: list[nn.Module | None], device: torch.device, channels_last: bool) -> None:
+    """Move the modules a step runs (student, train-only modules, teacher) to the device, channels-last on CUDA."""
+    present = [m for m in modules if m is not None]
+    for m in present:
+        m.to(device)
+    if device.type == "cuda" and channels_last:
+        for m in present:
+            m.to(memory_format=torch.channels_last)
+
+
+def rng_state(cuda: bool) -> dict:
+    """Every generator training draws from, in the checkpoint's layout (NumPy's keys as a plain list)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+
+
+def set_rng_state(rng: dict, cuda: bool) -> None:
+    torch.set_rng_state(rng["torch"])
+    mt_keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state(("MT19937", np.asarray(mt_keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(rng["python"])
+    if "cuda" in rng and cuda:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def config_view(cfg: Config, role: str) -> dict:
+    """The config keys that decide what a role's training computes (RESUMABLE_KEYS left out), as JSON values."""
+    view = {k: v for k, v in keys(cfg).items() if k.split(".")[0] in ("data", "train", "distill", "seed", role)}
+    return json.loads(json.dumps({k: v for k, v in view.items() if k not in RESUMABLE_KEYS}, default=list))
+
+
+class Checkpointer:
+    """The training states of one role in `run_dir/checkpoints/<role>`: `step-NNNNNNN.safetensors` + `.json` through
+    pipeline.io.save_state, `last.json` naming the newest, only the newest `keep` kept. Each state records
+    `config_view`; a state is resumed only under the same values."""
+
+    def __init__(self, run_dir: Path, role: str, keep: int, config: dict) -> None:
+        self.run_dir, self.role, self.keep, self.config = run_dir, role, keep, config
+        self.folder = run_dir / "checkpoints" / role
+        self.last: Path | None = None  # the stem of the newest state written or resumed
+
+    def save(self, step: int, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self.folder / f"step-{step:07d}"
+        save_state(stem, {**state, "config": self.config})
+        write_json(self.folder / "last.json", {"checkpoint": stem.name, "step": step})
+        self.last = stem
+        for old in sorted(self.folder.glob("step-*.json"))[: -self.keep]:
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+
+    def load_last(self) -> dict | None:
+        """The newest state, None when there is none; a state of another config is refused."""
+        pointer = self.folder / "last.json"
+        if not pointer.is_file():
+            return None
+        stem = self.folder / json.loads(pointer.read_text())["checkpoint"]
+        try:
+            state = load_state(stem)
+        except (OSError, ValueError, KeyError) as e:
+            raise TrainingError(f"{stem}.safetensors: cannot resume from it ({e})") from None
+        saved = state["config"]
+        diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        if diff:
+            raise TrainingError(
+                f"{self.run_dir}: holds a {self.role} run with another config ({', '.join(diff)} differ); "
+                "use another --run-dir, or train.resume=never to start over"
+            )
+        self.last = stem
+        return state
+
+
+class MetricsLog:
+    """What training shows, from the main process only: the progress bar with the loss terms every step;
+    TensorBoard scalars and a debug log line every `every` steps and at the last; the validation scores."""
+
+    def __init__(self, role: str, run_dir: Path, steps: int, start: int, every: int, main: bool) -> None:
+        self.role, self.steps, self.every, self.main = role, steps, every, main
+        self.writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / role))
+        self.bar = tqdm(total=steps, initial=start, desc=role, disable=not main, dynamic_ncols=True,
+                        mininterval=progress_interval())
+
+    def step(self, done: int, terms: dict[str, float], lr: float, rate: float) -> None:
+        if not self.main:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.2e}", "img/s": f"{rate:.1f}"},
+                             refresh=False)
+        if done % self.every == 0 or done == self.steps:
+            for k, v in terms.items():
+                self.writer.add_scalar(f"loss/{k}", v, done)
+            self.writer.add_scalar("lr", lr, done)
+            self.writer.add_scalar("images_per_s", rate, done)
+            log.debug("%s step %d: %s", self.role, done, json.dumps({k: round(v, 5) for k, v in terms.items()}))
+
+    def validation(self, step: int, miou: float, pixel_acc: float) -> None:
+        log.info("%s step %d: val mIoU %.2f %%, pixel accuracy %.2f %%", self.role, step, 100 * miou, 100 * pixel_acc)
+        self.writer.add_scalar("val/miou", miou, step)
+
+    def close(self) -> None:
+        self.bar.close()  # ends the bar's line, so an error message starts on its own
+        if self.writer:
+            self.writer.close()
+
+
 class Trainer:
     """Trains `student` (the model being trained in this stage: a teacher, or a student) with `method`."""
 
     def __init__(self, role: str, cfg: Config, run_dir: Path, student: SegFormer, method: DistillMethod,
                  train_set, val_set, env: DistEnv) -> None:
         self.role, self.cfg, self.run_dir, self.env = role, cfg, run_dir, env
-        self.t = cfg.train
-        self.steps = getattr(cfg, role).steps or self.t.steps
-        self.student, self.method = student.to(env.device), method
-        method.modules.to(env.device)
-        if method.teacher is not None:
-            method.teacher.to(env.device)
-        if env.device.type == "cuda" and self.t.channels_last:
-            for m in (student, method.modules, method.teacher):
-                if m is not None:
-                    m.to(memory_format=torch.channels_last)
-        self.amp = amp_dtype(self.t.amp, env.device)
+        self.t = t = cfg.train
+        self.steps = getattr(cfg, role).steps or t.steps
+        self.global_batch = t.batch_size * t.accumulate * env.world
+        self.student, self.method = student, method
+        place([student, method.modules, method.teacher], env.device, t.channels_last)
+        self.amp = amp_dtype(t.amp, env.device)
         self.objective: nn.Module = _Objective(student, method)
         if env.world > 1:
             # CSF keeps two squeeze convs and uses one per batch size; zero-weight terms leave modules idle
@@ -165,14 +270,13 @@ class Trainer:
                 self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 find_unused_parameters=len(method.modules) > 0)
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=self.t.lr, betas=self.t.betas, weight_decay=self.t.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp == torch.float16)
         self.train_set, self.val_set = train_set, val_set
-        self.ckpt_dir = run_dir / "checkpoints" / role
+        self.ckpt = Checkpointer(run_dir, role, t.keep_checkpoints, config_view(cfg, role))
+        self.metrics: MetricsLog | None = None  # opened by fit
         self.start, self.best = 0, -1.0
-        self.last_ckpt: Path | None = None
-        self.writer = None
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then poly decay from lr to lr * final_lr_ratio over the remaining steps."""
@@ -183,79 +287,46 @@ class Trainer:
         progress = min((step - t.warmup_steps) / span, 1.0)
         return t.final_lr_ratio + (1 - t.final_lr_ratio) * (1 - progress) ** t.power
 
-    # ---------------------------------------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------------------------------- training state
 
-    def _config_view(self) -> dict:
-        from pipeline.config import keys
-
-        view = {k: v for k, v in keys(self.cfg).items() if k.split(".")[0] in ("data", "train", "distill", "seed",
-                                                                               self.role)}
-        return json.loads(json.dumps({k: v for k, v in view.items() if k not in RESUMABLE_KEYS}, default=list))
-
-    def save_checkpoint(self, step: int) -> None:
-        if not self.env.main:
-            return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        np_state = np.random.get_state()
-        state = {
+    def state(self, step: int) -> dict:
+        """The training state after `step` in the checkpoint layout (the Checkpointer adds the config)."""
+        return {
             "step": step, "best_miou": self.best,
             "model": self.student.state_dict(), "modules": self.method.modules.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": [np_state[1].tolist(), *np_state[2:]],
-                    "python": random.getstate(),
-                    **({"cuda": torch.cuda.get_rng_state()} if self.env.device.type == "cuda" else {})},
-            "data": {"position": step * self.t.batch_size * self.t.accumulate * self.env.world,
-                     "samples": len(self.train_set)},
-            "config": self._config_view(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(self.env.device.type == "cuda"),
+            "data": {"position": step * self.global_batch, "samples": len(self.train_set)},
         }
-        stem = self.ckpt_dir / f"step-{step:07d}"
-        save_state(stem, state)
-        write_json(self.ckpt_dir / "last.json", {"checkpoint": stem.name, "step": step})
-        self.last_ckpt = stem
-        kept = sorted(self.ckpt_dir.glob("step-*.json"))[: -self.t.keep_checkpoints]
-        for old in kept:
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
-            old.unlink(missing_ok=True)
 
-    def try_resume(self) -> None:
-        pointer = self.ckpt_dir / "last.json"
-        if self.t.resume == "never" or not pointer.is_file():
+    def resume(self) -> None:
+        """Continue from the run directory's newest state, unless train.resume=never."""
+        state = None if self.t.resume == "never" else self.ckpt.load_last()
+        if state is None:
             return
-        stem = self.ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
-        try:
-            state = load_state(stem)
-        except (OSError, ValueError, KeyError) as e:
-            raise TrainingError(f"{stem}.safetensors: cannot resume from it ({e})") from None
-        diff = sorted(k for k in set(state["config"]) | set(self._config_view())
-                      if state["config"].get(k) != self._config_view().get(k))
-        if diff:
-            raise TrainingError(
-                f"{self.run_dir}: holds a {self.role} run with another config ({', '.join(diff)} differ); "
-                "use another --run-dir, or train.resume=never to start over"
-            )
         self.student.load_state_dict(state["model"])
         self.method.modules.load_state_dict(state["modules"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        random.setstate(rng["python"])
-        if "cuda" in rng and self.env.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        self.start, self.best, self.last_ckpt = state["step"], state["best_miou"], stem
-        log.info("%s: resumed from %s (step %d of %d)", self.role, stem, self.start, self.steps)
+        set_rng_state(state["rng"], self.env.device.type == "cuda")
+        self.start, self.best = state["step"], state["best_miou"]
+        log.info("%s: resumed from %s (step %d of %d)", self.role, self.ckpt.last, self.start, self.steps)
 
-    # ------------------------------------------------------------------------------------------ training
+    # ------------------------------------------------------------------------------------------ one step
 
     def _loader(self) -> DataLoader:
         sampler = StepSampler(len(self.train_set), self.t.batch_size, self.t.accumulate, self.env,
                               self.cfg.seed, self.start, self.steps)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.workers,
                           pin_memory=self.env.device.type == "cuda")
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(self.env.device, non_blocking=True)
+        y = batch["label"].to(self.env.device, non_blocking=True)
+        if self.env.device.type == "cuda" and self.t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def _autocast(self):
         if self.amp is None:
@@ -265,108 +336,90 @@ class Trainer:
     def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> None:
         for name, value in losses.items():
             if not torch.isfinite(value).all():
-                kept = f"{self.last_ckpt}.safetensors" if self.last_ckpt else "none (no checkpoint written yet)"
+                kept = f"{self.ckpt.last}.safetensors" if self.ckpt.last else "none (no checkpoint written yet)"
                 raise TrainingError(
                     f"{self.role} step {step + 1}: loss term {name!r} is {value.item()}; stopped. "
                     f"Last good checkpoint: {kept}"
                 )
 
+    def train_step(self, step: int, batches) -> dict[str, float]:
+        """One optimizer step over `accumulate` micro-batches from `batches`; returns the loss terms averaged."""
+        env, acc = self.env, self.t.accumulate
+        self.opt.zero_grad(set_to_none=True)
+        terms: dict[str, float] = {}
+        for m in range(acc):
+            x, y = self._inputs(next(batches))
+            # dropout and drop-path masks follow the data shard, not the process: resumable and DDP-invariant
+            torch.manual_seed(derived_seed(self.cfg.seed, self.role, step, env.rank * acc + m))
+            sync = m == acc - 1 or env.world == 1  # DDP all-reduces the gradients once, after the last micro-batch
+            no_sync = contextlib.nullcontext() if sync else self.objective.no_sync()
+            with no_sync, self._autocast():
+                teacher = self.method.teacher_features(x)
+                losses = self.objective(x, y, teacher)
+            self._check_finite(losses, step)
+            self.scaler.scale(losses["total"] / acc).backward()
+            for k, v in losses.items():
+                terms[k] = terms.get(k, 0.0) + v.item() / acc
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.objective.parameters(), self.t.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return terms
+
+    # ---------------------------------------------------------------------------------------------- the run
+
     def validate(self, step: int) -> float:
+        """Score the student on the validation set (each process its shard); the best so far is saved."""
         shard = Subset(self.val_set, range(self.env.rank, len(self.val_set), self.env.world))
         loader = DataLoader(shard, batch_size=1, num_workers=self.cfg.data.workers)
         result = evaluate(self.student, loader, device=self.env.device, num_classes=self.student.config.num_classes,
                           classes=self.student.meta.classes, amp_dtype=self.amp, progress=False)
         if self.env.main:
-            log.info("%s step %d: val mIoU %.2f %%, pixel accuracy %.2f %%", self.role, step, 100 * result.miou,
-                     100 * result.pixel_acc)
-            if self.writer:
-                self.writer.add_scalar("val/miou", result.miou, step)
+            self.metrics.validation(step, result.miou, result.pixel_acc)
             if result.miou > self.best:
                 self.best = result.miou
-                self._save_model(self.run_dir / f"{self.role}.safetensors", step, result.miou)
+                self._save_model(run_file("checkpoint", self.role), step, result.miou)
         return result.miou
 
-    def _save_model(self, path: Path, step: int, miou: float | None) -> None:
+    def _save_model(self, name: str, step: int, miou: float | None) -> None:
         extra = {"step": step, "val_miou": miou, "dataset": self.cfg.data.dataset, "method": self.method.name}
-        save_model(self.student, path, source=f"{self.role} training, {self.method.name}, step {step}",
+        save_model(self.student, self.run_dir / name, source=f"{self.role} training, {self.method.name}, step {step}",
                    extra=extra)
 
     def fit(self) -> dict:
         """Train to `steps`, resuming first when allowed; returns the run summary."""
-        self.try_resume()
+        self.resume()
         env, t = self.env, self.t
-        if env.main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / self.role))
+        self.metrics = MetricsLog(self.role, self.run_dir, self.steps, self.start, t.log_every, env.main)
         self.student.train()
         self.method.modules.train()
-        acc = t.accumulate
-        global_batch = t.batch_size * acc * env.world
-        bar = tqdm(total=self.steps, initial=self.start, desc=self.role, disable=not env.main,
-                   dynamic_ncols=True, mininterval=progress_interval())
         batches = iter(self._loader())
         seen, t0, terms = 0, time.perf_counter(), {}
         try:
             for step in range(self.start, self.steps):
-                self.opt.zero_grad(set_to_none=True)
-                terms: dict[str, float] = {}
-                for m in range(acc):
-                    batch = next(batches)
-                    x = batch["image"].to(env.device, non_blocking=True)
-                    y = batch["label"].to(env.device, non_blocking=True)
-                    if env.device.type == "cuda" and t.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    # dropout and drop-path masks follow the data shard, not the process: resumable and DDP-invariant
-                    torch.manual_seed(derived_seed(self.cfg.seed, self.role, step, env.rank * acc + m))
-                    sync = m == acc - 1 or env.world == 1
-                    no_sync = contextlib.nullcontext() if sync else self.objective.no_sync()
-                    with no_sync, self._autocast():
-                        teacher = self.method.teacher_features(x)
-                        losses = self.objective(x, y, teacher)
-                    self._check_finite(losses, step)
-                    self.scaler.scale(losses["total"] / acc).backward()
-                    for k, v in losses.items():
-                        terms[k] = terms.get(k, 0.0) + v.item() / acc
-                if t.grad_clip > 0:
-                    self.scaler.unscale_(self.opt)
-                    nn.utils.clip_grad_norm_(self.objective.parameters(), t.grad_clip)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.sched.step()
-                seen += global_batch
+                terms = self.train_step(step, batches)
+                seen += self.global_batch
                 done = step + 1
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                if env.main:
-                    bar.update(1)
-                    lr = self.sched.get_last_lr()[0]
-                    bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.2e}",
-                                     "img/s": f"{rate:.1f}"}, refresh=False)
-                    if done % t.log_every == 0 or done == self.steps:
-                        for k, v in terms.items():
-                            self.writer.add_scalar(f"loss/{k}", v, done)
-                        self.writer.add_scalar("lr", lr, done)
-                        self.writer.add_scalar("images_per_s", rate, done)
-                        log.debug("%s step %d: %s", self.role, done,
-                                  json.dumps({k: round(v, 5) for k, v in terms.items()}))
+                self.metrics.step(done, terms, self.sched.get_last_lr()[0], rate)
                 if done % t.eval_every == 0 or done == self.steps:
                     self.validate(done)
                     self.student.train()
-                if done % t.ckpt_every == 0 or done == self.steps:
-                    self.save_checkpoint(done)
+                if env.main and (done % t.ckpt_every == 0 or done == self.steps):
+                    self.ckpt.save(done, self.state(done))
                 env.barrier()
         finally:
-            bar.close()  # ends the bar's line, so an error message starts on its own
+            self.metrics.close()
         if self.start >= self.steps:
-            log.info("%s: already trained to step %d in %s", self.role, self.steps, self.ckpt_dir)
+            log.info("%s: already trained to step %d in %s", self.role, self.steps, self.ckpt.folder)
         summary = {"role": self.role, "method": self.method.name, "steps": self.steps, "resumed_from": self.start,
-                   "global_batch": global_batch, "best_val_miou": self.best,
+                   "global_batch": self.global_batch, "best_val_miou": self.best,
                    "images_per_s": seen / max(time.perf_counter() - t0, 1e-9) if seen else None,
                    "final_losses": terms if self.start < self.steps else None}
         if env.main:
-            self._save_model(self.run_dir / f"{self.role}.last.safetensors", self.steps, None)
-            if not (self.run_dir / f"{self.role}.safetensors").is_file():
-                self._save_model(self.run_dir / f"{self.role}.safetensors", self.steps, None)
-            self.writer.close()
+            self._save_model(f"{self.role}.last.safetensors", self.steps, None)
+            if not (self.run_dir / run_file("checkpoint", self.role)).is_file():
+                self._save_model(run_file("checkpoint", self.role), self.steps, None)
         return summary
-

@@ -109,7 +109,7 @@ def _random_bn_stats(model):
 
 @pytest.mark.parametrize("variant", ["mit_b0", "mit_b1"])
 def test_deploy_copy_gives_the_same_logits_with_far_fewer_macs(variant):
-    from benchmarks.flops import count_model
+    from pipeline.flops import count_model
     from pipeline.models import deploy_copy
     from pipeline.models.segformer import ConvMixFFN, FoldedHead
 

@@ -5,41 +5,21 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from pipeline import config as config_mod
-from pipeline.data import ensure_synthetic
+from pipeline.artifacts import read_sidecar
 from pipeline.models import build_model
+from tests.conftest import run_cli, start_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic_train=12", "data.synthetic_val=4", "data.synthetic_size=64x128", "data.size=64x96",
         "teacher.variant=mit_b0", "student.variant=mit_b0", "train.warmup_steps=2", "train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    ensure_synthetic(root, 12, 4, (64, 128), 0)
-    return root
-
-
-def cli(*args, cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+DATA = (12, 4, (64, 128))  # the synthetic set TINY describes, made once by conftest's `synthetic`
 
 
 # ----------------------------------------------------------------------------------------- DDP == accumulate
@@ -77,9 +57,9 @@ def _free_port() -> int:
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, synthetic):
-    ddp, single = tmp_path / "ddp.pt", tmp_path / "single.pt"
-    mp.spawn(_train_worker, args=(2, _free_port(), str(synthetic), str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
-    mp.spawn(_train_worker, args=(1, _free_port(), str(synthetic), str(tmp_path / "one"), 2, str(single)), nprocs=1)
+    root, ddp, single = str(synthetic(*DATA)), tmp_path / "ddp.pt", tmp_path / "single.pt"
+    mp.spawn(_train_worker, args=(2, _free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
+    mp.spawn(_train_worker, args=(1, _free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
     a, b = torch.load(ddp), torch.load(single)
     torch.manual_seed(0)  # the workers' initial weights, rebuilt: teacher first, then the student
     build_model("mit_b0")
@@ -96,12 +76,12 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, synthetic):
-    args = TINY + [f"data.root={synthetic}", "train.steps=30", "train.ckpt_every=3", "train.eval_every=15",
+    args = TINY + [f"data.root={synthetic(*DATA)}", "train.steps=30", "train.ckpt_every=3", "train.eval_every=15",
                    "train.batch_size=4", "data.size=96x128"]
-    code, _, err = finish(cli("teacher", "--run-dir", str(tmp_path / "straight"), *args, cwd=tmp_path))
+    code, _, err = run_cli("teacher", "--run-dir", str(tmp_path / "straight"), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err
 
-    proc = cli("teacher", "--run-dir", str(tmp_path / "killed"), *args, cwd=tmp_path)
+    proc = start_cli("teacher", "--run-dir", str(tmp_path / "killed"), *args, cwd=tmp_path)
     pointer = tmp_path / "killed" / "checkpoints" / "teacher" / "last.json"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -116,7 +96,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, synth
     assert 9 <= killed_at < 30
     assert not (tmp_path / "killed" / "teacher.last.safetensors").exists()
 
-    code, _, err = finish(cli("teacher", "--run-dir", str(tmp_path / "killed"), *args, cwd=tmp_path))
+    code, _, err = run_cli("teacher", "--run-dir", str(tmp_path / "killed"), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err
     assert "resumed from" in (tmp_path / "killed" / "run.log").read_text()
     a = load_file(tmp_path / "straight" / "teacher.last.safetensors")
@@ -127,18 +107,19 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, synth
 
 
 def test_a_changed_config_refuses_to_resume(tmp_path, synthetic):
-    args = TINY + [f"data.root={synthetic}", "train.steps=2", "train.batch_size=2"]
-    assert finish(cli("teacher", "--run-dir", str(tmp_path / "r"), *args, cwd=tmp_path))[0] == 0
-    code, _, err = finish(cli("teacher", "--run-dir", str(tmp_path / "r"), *args, "train.lr=0.1", cwd=tmp_path))
+    args = TINY + [f"data.root={synthetic(*DATA)}", "train.steps=2", "train.batch_size=2"]
+    assert run_cli("teacher", "--run-dir", str(tmp_path / "r"), *args, cwd=tmp_path, timeout=300)[0] == 0
+    code, _, err = run_cli("teacher", "--run-dir", str(tmp_path / "r"), *args, "train.lr=0.1", cwd=tmp_path,
+                           timeout=300)
     assert code == 2
     assert err.strip().startswith("error:") and "train.lr" in err and len(err.strip().splitlines()) == 1, err
     assert "lr: 0.1" not in (tmp_path / "r" / "config.yaml").read_text()  # the run's own config stays
 
 
 def test_non_finite_loss_stops_with_the_step_and_term(tmp_path, synthetic):
-    args = TINY + [f"data.root={synthetic}", "train.steps=40", "train.ckpt_every=1", "train.batch_size=2",
+    args = TINY + [f"data.root={synthetic(*DATA)}", "train.steps=40", "train.ckpt_every=1", "train.batch_size=2",
                    "train.lr=1e12", "train.warmup_steps=0"]
-    code, _, err = finish(cli("teacher", "--run-dir", str(tmp_path / "nan"), *args, cwd=tmp_path))
+    code, _, err = run_cli("teacher", "--run-dir", str(tmp_path / "nan"), *args, cwd=tmp_path, timeout=300)
     assert code == 2, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: teacher step ") and ("'ce' is nan" in line or "'ce' is inf" in line), line
@@ -151,23 +132,25 @@ def test_non_finite_loss_stops_with_the_step_and_term(tmp_path, synthetic):
 
 def test_distill_trains_the_teacher_then_the_student_in_one_run_dir(tmp_path, synthetic):
     run = tmp_path / "run"
-    args = TINY + [f"data.root={synthetic}", "train.steps=4", "train.batch_size=2", "train.eval_every=2",
+    args = TINY + [f"data.root={synthetic(*DATA)}", "train.steps=4", "train.batch_size=2", "train.eval_every=2",
                    "distill.method=transkd-ea"]
-    code, out, err = finish(cli("distill", "--run-dir", str(run), *args, cwd=tmp_path))
+    code, out, err = run_cli("distill", "--run-dir", str(run), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err
-    for name in ("config.yaml", "run.log", "summary.json", "method.json", "teacher.safetensors", "teacher.json",
-                 "student.safetensors", "student.json", "student.last.safetensors"):
+    for name in ("config.yaml", "run.log", "summary.json", "method.json", "teacher.safetensors",
+                 "teacher.safetensors.json", "student.safetensors", "student.safetensors.json",
+                 "student.last.safetensors"):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard" / "student").glob("events.out.tfevents.*"))
     cfg = config_mod.load(run / "config.yaml")
     assert cfg.distill.method == "transkd-ea" and cfg.train.steps == 4
-    sidecar = json.loads((run / "student.json").read_text())
-    assert sidecar["method"] == "transkd-ea" and sidecar["classes"][0] == "road" and sidecar["input_size"] == [64, 96]
+    meta = read_sidecar(run / "student.safetensors")
+    assert meta.details["training"]["method"] == "transkd-ea" and meta.classes[0] == "road"
+    assert meta.contract.size == [64, 96]
     assert "run directory" in out and "student.safetensors" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distill"]["teacher"]["steps"] == 4 and summary["distill"]["steps"] == 4
     # eval reads the run's student by default and writes eval.json
-    code, out, err = finish(cli("eval", "--run-dir", str(run), *args, cwd=tmp_path))
+    code, out, err = run_cli("eval", "--run-dir", str(run), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err
     assert 0.0 <= json.loads((run / "eval.json").read_text())["miou"] <= 1.0
 
@@ -177,7 +160,7 @@ def test_cli_errors_are_one_line(tmp_path):
                            ([], "no stage given"),
                            (["eval", "--run-dir", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "none.pth")],
                             "none.pth: no such file")):
-        code, _, err = finish(cli(*argv, "data.root=" + str(tmp_path / "d"), "data.synthetic_train=2",
-                                  "data.synthetic_val=1", "data.synthetic_size=64x64", cwd=tmp_path))
+        code, _, err = run_cli(*argv, "data.root=" + str(tmp_path / "d"), "data.synthetic_train=2",
+                               "data.synthetic_val=1", "data.synthetic_size=64x64", cwd=tmp_path, timeout=300)
         last = err.strip().splitlines()[-1]
         assert code == 2 and last.startswith("error:") and expected in last and "Traceback" not in err, (argv, err)
