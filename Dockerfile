@@ -19,8 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/opt/transkd-deploy
+    PATH=/opt/venv/bin:$PATH
 
 # The project's packages go into a virtual environment that also sees the base image's site-packages (where
 # TensorRT lives): nothing of the base image is upgraded or removed, and pip (upgraded inside the venv) needs no
@@ -46,7 +45,7 @@ RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${T
  && echo "torch==${TORCH_VERSION}+${TORCH_CUDA}" > constraints.image.txt \
  && sed -E '/^onnxruntime[<>=~!; ]/d' requirements.txt > requirements.image.txt \
  && sed -E '/^tensorrt[<>=~!; ]/d' requirements-gpu.txt >> requirements.image.txt \
- && pip install --no-cache-dir -c constraints.image.txt -r requirements.image.txt \
+ && pip install --no-cache-dir -c constraints.image.txt -r requirements.image.txt -r requirements-quant.txt \
         "onnxruntime-gpu>=1.27" "cuda-bindings>=13,<14" \
  && rm constraints.image.txt requirements.image.txt \
  && python -c "import importlib.metadata as md, importlib.util as iu; \
@@ -60,9 +59,14 @@ md.version('cuda-bindings'), '| tensorrt', trt or 'not pip-registered')"
 # 1.27 on PyPI's onnxruntime-gpu is the CUDA 13 build (its `cuda` extra asks for nvidia-cuda-runtime 13.x).
 # cuda-bindings keeps the CUDA major of the driver and of TensorRT (requirements-gpu.txt).
 
+# the package metadata reads every requirement file pyproject.toml names
+COPY pyproject.toml requirements-dev.txt ./
 COPY pipeline/ pipeline/
 COPY benchmarks/ benchmarks/
 COPY trt/ trt/
+# The project itself, editable so that the code stays where it was copied (one copy; the console scripts transkd,
+# transkd-latency, ... land in the venv); --no-deps: every dependency is installed above, the image's own way.
+RUN pip install --no-cache-dir --no-deps -e .
 
 # Non-root user; UID/GID 1000 by default so that a host's first user owns what lands in the mounted run folder
 # (docker build --build-arg APP_UID=$(id -u) --build-arg APP_GID=$(id -g) for another). Ubuntu 24.04 images

@@ -1,1 +1,1 @@
-"""Benchmarks: scripts that print a table and write JSON; run as `python benchmarks/NAME.py`."""
+"""Benchmarks: thin command lines over pipeline/ that print a table and write JSON; `python benchmarks/NAME.py`."""

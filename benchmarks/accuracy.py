@@ -4,8 +4,9 @@
         --root data/synthetic --split val [--size 128x256] [--frames 100] [--json FILE]
 
 Frames go in as a camera gives them (BGR uint8, full resolution); Segmenter resizes them to the network and
-returns class ids at full resolution, the path the ROS node takes. The score is the training evaluator's
-(confusion matrix at full label resolution, 255 ignored), so a PyTorch checkpoint scores what `eval` says.
+returns class ids at full resolution, the path the ROS node takes. The score is pipeline.evaluate.score, the
+training evaluator's confusion matrix at full label resolution (255 ignored), so a PyTorch checkpoint scores what
+`eval` says.
 """
 
 from __future__ import annotations
@@ -15,69 +16,46 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from benchmarks.flops import parse_size  # noqa: E402
-from pipeline.errors import InputError, PipelineError  # noqa: E402
-from pipeline.evaluate import ConfusionMatrix, EvalResult  # noqa: E402
-from pipeline.export import spread  # noqa: E402
+from pipeline.cli import Parser, cli_main
+from pipeline.config import parse_size
+from pipeline.data.datasets import DATASETS
+from pipeline.errors import InputError
+from pipeline.infer import PROVIDERS
 
 
-def score(seg, dataset, frames: int = 0, progress: bool = True) -> EvalResult:
-    """mIoU of a Segmenter on `dataset` (any SegDataset; its transform is not used: raw frames go in)."""
-    n_classes = len(seg.classes)
-    if n_classes != dataset.num_classes:
-        raise InputError(f"{seg.path}: predicts {n_classes} classes, {dataset.name} has {dataset.num_classes}")
-    if len(dataset) == 0:
-        raise InputError(f"{dataset.root}: the {dataset.split} split is empty")
-    cm = ConfusionMatrix(n_classes)
-    for i in tqdm(spread(len(dataset), frames), desc=seg.path.name, disable=not progress, leave=False):
-        rgb, label = dataset.read(i)
-        ids = seg.predict(np.ascontiguousarray(rgb[:, :, ::-1]))
-        cm.update(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
-    return cm.result(dataset.classes)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifacts", nargs="+", help="checkpoints, .onnx files, .plan engines")
-    ap.add_argument("--dataset", default="synthetic", help="synthetic, cityscapes, acdc, nyuv2, voc")
+    ap.add_argument("--dataset", default="synthetic", choices=list(DATASETS))
     ap.add_argument("--root", default="data/synthetic", help="the dataset folder")
     ap.add_argument("--split", default="val")
     ap.add_argument("--size", help="network HxW where the artifact does not fix it (PyTorch, dynamic ONNX)")
     ap.add_argument("--frames", type=int, default=0, help="frames spread over the split (0: all)")
-    ap.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    ap.add_argument("--provider", default="auto", choices=["auto", *PROVIDERS])
     ap.add_argument("--device", default="auto", help="PyTorch device")
     ap.add_argument("--per-class", action="store_true", help="print the per-class IoU table of each artifact")
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     from pipeline.data import build_dataset
+    from pipeline.evaluate import score, spread
     from pipeline.infer import Segmenter
     from pipeline.io import write_json
 
+    size = parse_size(args.size) if args.size else None
+    dataset = build_dataset(args.dataset, args.root, args.split)
     rows = []
-    try:
-        size = parse_size(args.size) if args.size else None
-        dataset = build_dataset(args.dataset, args.root, args.split)
-        for path in args.artifacts:
-            seg = Segmenter.open(path, device=args.device, provider=args.provider, size=size)
-            if seg.size is None:
-                raise InputError(f"{path}: the network takes any size: give --size HxW (the size it was trained at)")
-            res = score(seg, dataset, args.frames)
-            rows.append({**seg.describe(), "miou": res.miou, "pixel_accuracy": res.pixel_acc,
-                         "frames": len(spread(len(dataset), args.frames)), "result": res.to_dict()})
-            if args.per_class:
-                print(f"{path}:\n{res.table()}\n")
-    except PipelineError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for path in args.artifacts:
+        seg = Segmenter.open(path, device=args.device, provider=args.provider, size=size)
+        if seg.size is None:
+            raise InputError(f"{path}: the network takes any size: give --size HxW (the size it was trained at)")
+        res = score(seg, dataset, args.frames)
+        rows.append({**seg.describe(), "miou": res.miou, "pixel_accuracy": res.pixel_acc,
+                     "frames": len(spread(len(dataset), args.frames)), "result": res.to_dict()})
+        if args.per_class:
+            print(f"{path}:\n{res.table()}\n")
     print(f"mIoU on {rows[0]['frames']} {args.dataset} {args.split} frames at full label resolution")
     print("| artifact | backend | precision | size | mIoU % | pixel acc % |\n|---|---|---|---|---:|---:|")
     for r in rows:
@@ -86,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(Path(args.json), {"dataset": args.dataset, "split": args.split, "results": rows})
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

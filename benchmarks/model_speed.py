@@ -16,15 +16,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.flops import parse_size  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.models import VARIANTS, load_model  # noqa: E402
+from pipeline.cli import Parser, cli_main
+from pipeline.config import parse_size
+from pipeline.errors import PipelineError
+from pipeline.models import VARIANTS, load_model
 
 
 def hf_twin(variant: str, num_classes: int, folder: Path):
@@ -32,7 +32,7 @@ def hf_twin(variant: str, num_classes: int, folder: Path):
     try:
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
     except ImportError:
-        raise PipelineError("transformers is not installed: pip install -r requirements-dev.txt") from None
+        raise PipelineError('transformers is not installed: pip install -e ".[dev]"') from None
     dims, depths, heads, dec = VARIANTS[variant]
     cfg = SegformerConfig(hidden_sizes=list(dims), depths=list(depths), num_attention_heads=list(heads),
                           decoder_hidden_size=dec, num_labels=num_classes)
@@ -73,8 +73,8 @@ def bench(variant: str, size: tuple[int, int], batch: int, rounds: int, iters: i
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", nargs="+", default=["mit_b0", "mit_b2"], choices=list(VARIANTS))
     ap.add_argument("--size", default="512x1024")
     ap.add_argument("--batch", type=int, default=1)
@@ -83,14 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=3, help="forward passes per model per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args(argv)
-    try:
-        size = parse_size(args.size)
-        torch.set_num_threads(args.threads)
-        rows = [bench(v, size, args.batch, args.rounds, args.iters, args.warmup) for v in args.variant]
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    torch.set_num_threads(args.threads)
+    rows = [bench(v, size, args.batch, args.rounds, args.iters, args.warmup) for v in args.variant]
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
            platform.machine(), "python": platform.python_version()}
     try:
@@ -109,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.flops import parse_size  # noqa: E402
-from pipeline.distill import METHODS, build_method  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.models import VARIANTS, build_model  # noqa: E402
+from pipeline.cli import Parser, cli_main
+from pipeline.config import parse_size
+from pipeline.distill import METHODS, build_method
+from pipeline.models import VARIANTS, build_model
 
 
 def make_step(name: str, teacher, student_variant: str, x: torch.Tensor, y: torch.Tensor):
@@ -44,8 +43,8 @@ def make_step(name: str, teacher, student_variant: str, x: torch.Tensor, y: torc
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--teacher", default="mit_b2", choices=list(VARIANTS))
     ap.add_argument("--student", default="mit_b0", choices=list(VARIANTS))
@@ -56,29 +55,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=2, help="steps per method per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args(argv)
-    try:
-        h, w = parse_size(args.size)
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        x = torch.randn(args.batch, 3, h, w)
-        y = torch.randint(0, 19, (args.batch, h, w))
-        teacher = build_model(args.teacher)
-        names = ["none"] + [m for m in dict.fromkeys(args.method) if m != "none"]
-        steps = {n: make_step(n, teacher, args.student, x, y) for n in names}
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def time_steps(steps: dict, rounds: int, iters: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each method, in alternating rounds after `warmup` untimed steps each."""
+    names = list(steps)
     for step in steps.values():
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            for _ in range(args.iters):
+            for _ in range(iters):
                 t0 = time.perf_counter()
                 steps[n]()
                 times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    h, w = parse_size(args.size)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, h, w)
+    y = torch.randint(0, 19, (args.batch, h, w))
+    teacher = build_model(args.teacher)
+    names = ["none"] + [m for m in dict.fromkeys(args.method) if m != "none"]
+    times = time_steps({n: make_step(n, teacher, args.student, x, y) for n in names}, args.rounds, args.iters,
+                       args.warmup)
     base = statistics.median(times["none"])
     rows = []
     for n in names:
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                "teacher": args.teacher, "student": args.student, "batch": args.batch, "size": f"{h}x{w}"}
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

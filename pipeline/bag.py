@@ -21,6 +21,8 @@ from pipeline.errors import InputError
 
 log = logging.getLogger("pipeline")
 IMAGE_TYPES = (rosmsg.IMAGE, rosmsg.COMPRESSED_IMAGE)
+MASK_TOPIC = "/segmentation/mask"  # the output topics segment_bag adds, by default
+OVERLAY_TOPIC = "/segmentation/overlay"
 
 
 def _open_reader(bag: Path):
@@ -70,8 +72,8 @@ def _add_connection(writer, reader, conn, topic: str | None = None, msgtype: str
 
 
 def segment_bag(bag: Path, topic: str, seg, out: Path, video: Path | None = None, overlay: bool = True,
-                mask_topic: str = "/segmentation/mask", overlay_topic: str = "/segmentation/overlay",
-                fps: float = 0.0, progress: bool = True) -> dict:
+                mask_topic: str = MASK_TOPIC, overlay_topic: str = OVERLAY_TOPIC, fps: float = 0.0,
+                progress: bool = True) -> dict:
     """Segment `topic` of `bag` into a new bag `out` (and `video`); returns the summary. Nothing is left at `out` or
     `video` when it fails."""
     bag, out = Path(bag), Path(out)
@@ -88,83 +90,113 @@ def segment_bag(bag: Path, topic: str, seg, out: Path, video: Path | None = None
         taken = {c.topic for c in reader.connections} & {mask_topic, overlay_topic}
         if taken:
             raise InputError(f"{bag}: already has {', '.join(sorted(taken))}; choose other output topics")
-        return _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_topic, fps, progress)
+        topics = (mask_topic, overlay_topic if overlay else None)
+        return _segment(reader, bag, conns, seg, out, video, topics, fps, progress)
     finally:
         reader.close()
 
 
-def _segment(reader, bag, conns, seg, out, video, overlay, mask_topic, overlay_topic, fps, progress) -> dict:
-    if rosmsg.IMAGE not in reader.typestore.types:  # a bag of CompressedImage only: Image from a built-in store
-        from rosbags.typesys import Stores, get_typestore
-
-        store = get_typestore(Stores.ROS2_HUMBLE if reader.is2 else Stores.ROS1_NOETIC)
-        needed = (rosmsg.IMAGE, "std_msgs/msg/Header", "builtin_interfaces/msg/Time")
-        reader.typestore.register({n: store.fielddefs[n] for n in needed if n not in reader.typestore.types})
-    image_cls = reader.typestore.types[rosmsg.IMAGE]
-    serialize = reader.typestore.serialize_cdr if reader.is2 else reader.typestore.serialize_ros1
+def _segment(reader, bag: Path, conns, seg, out: Path, video: Path | None, topics: tuple[str, str | None],
+             fps: float, progress: bool) -> dict:
+    """Write the output bag (and video) into a staging folder, then move them into place."""
     # everything is written into a staging folder beside `out` under its final names (a ROS 2 bag records its
     # file names in metadata.yaml), then moved into place once complete
     stage = out.with_name(f".{out.name}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     tmp = stage / out.name
-    vtmp = stage / video.name if video else None
+    clip = _Video(stage / video.name, fps or _bag_fps(reader, conns)) if video else None
     stats = {"frames": 0, "refused": 0, "copied": 0, "refused_encodings": {}}
     writer = _writer(reader, bag, tmp)
-    vw = None
     start = time.perf_counter()
     try:
         writer.open()
-        copies = {c.id: _add_connection(writer, reader, c) for c in reader.connections}
-        mask_conn = _add_connection(writer, reader, None, mask_topic, rosmsg.IMAGE)
-        over_conn = _add_connection(writer, reader, None, overlay_topic, rosmsg.IMAGE) if overlay else None
-        ids_of_topic = {c.id for c in conns}
-        for conn, stamp, raw in tqdm(reader.messages(), total=reader.message_count, desc=bag.name,
-                                     disable=not progress, unit="msg"):
-            writer.write(copies[conn.id], stamp, raw)
-            stats["copied"] += 1
-            if conn.id not in ids_of_topic:
-                continue
-            msg = reader.deserialize(raw, conn.msgtype)
-            try:
-                bgr = rosmsg.to_bgr(msg)
-            except rosmsg.EncodingError as e:
-                key = getattr(msg, "encoding", None) or getattr(msg, "format", "?")
-                if key not in stats["refused_encodings"]:
-                    log.warning("segment-bag: %s at %d refused: %s", conn.topic, stamp, e)
-                stats["refused_encodings"][key] = stats["refused_encodings"].get(key, 0) + 1
-                stats["refused"] += 1
-                continue
-            ids = seg.predict(bgr)
-            writer.write(mask_conn, stamp, serialize(image_cls(**rosmsg.mask_fields(ids, msg.header)),
-                                                     rosmsg.IMAGE))
-            if over_conn is not None or vtmp is not None:
-                rgb = seg.colorize(ids, bgr)
-                if over_conn is not None:
-                    writer.write(over_conn, stamp, serialize(image_cls(**rosmsg.overlay_fields(rgb, msg.header)),
-                                                             rosmsg.IMAGE))
-                if vtmp is not None:
-                    vw = vw or _video_writer(vtmp, rgb.shape, fps or _bag_fps(reader, conns))
-                    vw.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-            stats["frames"] += 1
+        _copy_and_segment(reader, writer, bag, {c.id for c in conns}, seg, topics, clip, stats, progress)
         writer.close()
-        if vw is not None:
-            vw.release()
-            shutil.move(vtmp, video)  # may be another file system
+        if clip is not None and clip.release():
+            shutil.move(clip.path, video)  # may be another file system
         tmp.replace(out)
     except BaseException:
         _close_quietly(writer)
-        if vw is not None:
-            vw.release()
+        if clip is not None:
+            clip.release()
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     seconds = time.perf_counter() - start
     stats.update(bag=str(bag), out=str(out), video=str(video) if video and stats["frames"] else None,
-                 topic=conns[0].topic, mask_topic=mask_topic, overlay_topic=overlay_topic if overlay else None,
-                 seconds=seconds, frames_per_second=stats["frames"] / seconds if seconds > 0 else 0.0,
+                 topic=conns[0].topic, mask_topic=topics[0], overlay_topic=topics[1], seconds=seconds,
+                 frames_per_second=stats["frames"] / seconds if seconds > 0 else 0.0,
                  format="ros2" if reader.is2 else "ros1")
     return stats
+
+
+def _image_type(reader):
+    """sensor_msgs/Image's class in the reader's typestore and the bag's serializer for it."""
+    if rosmsg.IMAGE not in reader.typestore.types:  # a bag of CompressedImage only: Image from a built-in store
+        from rosbags.typesys import Stores, get_typestore
+
+        store = get_typestore(Stores.ROS2_HUMBLE if reader.is2 else Stores.ROS1_NOETIC)
+        needed = (rosmsg.IMAGE, "std_msgs/msg/Header", "builtin_interfaces/msg/Time")
+        reader.typestore.register({n: store.fielddefs[n] for n in needed if n not in reader.typestore.types})
+    serialize = reader.typestore.serialize_cdr if reader.is2 else reader.typestore.serialize_ros1
+    return reader.typestore.types[rosmsg.IMAGE], serialize
+
+
+def _copy_and_segment(reader, writer, bag: Path, ids_of_topic: set, seg, topics: tuple[str, str | None],
+                      clip: _Video | None, stats: dict, progress: bool) -> None:
+    """Every message of the bag copied to `writer`; each frame of the camera topic also segmented into a mask (and
+    an overlay, and a video frame) under its own stamp and header. Frames of an unsupported encoding are counted
+    and skipped."""
+    image_cls, serialize = _image_type(reader)
+    copies = {c.id: _add_connection(writer, reader, c) for c in reader.connections}
+    mask_conn = _add_connection(writer, reader, None, topics[0], rosmsg.IMAGE)
+    over_conn = _add_connection(writer, reader, None, topics[1], rosmsg.IMAGE) if topics[1] else None
+    for conn, stamp, raw in tqdm(reader.messages(), total=reader.message_count, desc=bag.name,
+                                 disable=not progress, unit="msg"):
+        writer.write(copies[conn.id], stamp, raw)
+        stats["copied"] += 1
+        if conn.id not in ids_of_topic:
+            continue
+        msg = reader.deserialize(raw, conn.msgtype)
+        try:
+            bgr = rosmsg.to_bgr(msg)
+        except rosmsg.EncodingError as e:
+            key = getattr(msg, "encoding", None) or getattr(msg, "format", "?")
+            if key not in stats["refused_encodings"]:
+                log.warning("segment-bag: %s at %d refused: %s", conn.topic, stamp, e)
+            stats["refused_encodings"][key] = stats["refused_encodings"].get(key, 0) + 1
+            stats["refused"] += 1
+            continue
+        ids = seg.predict(bgr)
+        writer.write(mask_conn, stamp, serialize(image_cls(**rosmsg.mask_fields(ids, msg.header)), rosmsg.IMAGE))
+        if over_conn is not None or clip is not None:
+            rgb = seg.colorize(ids, bgr)
+            if over_conn is not None:
+                writer.write(over_conn, stamp, serialize(image_cls(**rosmsg.overlay_fields(rgb, msg.header)),
+                                                         rosmsg.IMAGE))
+            if clip is not None:
+                clip.write(rgb)
+        stats["frames"] += 1
+
+
+class _Video:
+    """The overlay video, opened at its first frame (which gives its size)."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path, self.fps, self._writer = path, fps, None
+
+    def write(self, rgb: np.ndarray) -> None:
+        self._writer = self._writer or _video_writer(self.path, rgb.shape, self.fps)
+        self._writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+
+    def release(self) -> bool:
+        """Close the file; True when a frame was written to it."""
+        if self._writer is None:
+            return False
+        self._writer.release()
+        self._writer = None
+        return True
 
 
 def _close_quietly(writer) -> None:

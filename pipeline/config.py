@@ -11,12 +11,13 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.artifacts import INPUTS, OUTPUTS
 from pipeline.errors import ConfigError, InputError
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | cityscapes | acdc | nyuv2 | voc
+    dataset: str = "synthetic"  # one of pipeline.data.DATASETS: synthetic | cityscapes | acdc | nyuv2 | voc
     root: str = "data/synthetic"  # dataset folder; the synthetic set is generated here when missing
     size: tuple[int, int] = (128, 256)  # training crop and evaluation height, H x W
     train_split: str = "train"
@@ -126,18 +127,59 @@ def _plain(obj):
     return obj
 
 
+# Allowed values of the keys with a fixed set of words; the keys whose values name a registry entry (a dataset, a
+# model variant, a distillation method) are checked against that registry (REGISTRIES).
 CHOICES = {
-    "data.dataset": ("synthetic", "cityscapes", "acdc", "nyuv2", "voc"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.resume": ("auto", "never"),
-    "export.input": ("float", "uint8"),
-    "export.output": ("logits", "labels"),
-    "export.calibration_method": ("entropy", "max"),
-    "export.int8_backend": ("modelopt", "ort"),
+    "export.input": tuple(INPUTS),
+    "export.output": tuple(OUTPUTS),
+    "export.calibration_method": ("entropy", "max"),  # precision.to_int8: KL-optimal or max-abs thresholds
+    "export.int8_backend": ("modelopt", "ort"),  # precision.to_int8: Model Optimizer PTQ or ONNX Runtime's quantizer
     "export.engines": ("auto", "off"),
     "bench.cuda": ("auto", "off"),
 }
+
+
+def _datasets() -> tuple[str, ...]:
+    from pipeline.data.datasets import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _variants() -> tuple[str, ...]:
+    from pipeline.models import VARIANTS
+
+    return tuple(VARIANTS)
+
+
+def _methods() -> tuple[str, ...]:
+    from pipeline.distill import METHODS
+
+    return tuple(METHODS)
+
+
+# imported when first needed: the registries import torch, the config (and `--help`) must not
+REGISTRIES = {"data.dataset": _datasets, "teacher.variant": _variants, "student.variant": _variants,
+              "distill.method": _methods}
+
+
+def choices(key: str) -> tuple[str, ...] | None:
+    """The values `key` accepts, or None when any value of its type goes."""
+    if key in CHOICES:
+        return CHOICES[key]
+    return REGISTRIES[key]() if key in REGISTRIES else None
+
+
+def check_choice(key: str, value: object, where: str = "") -> None:
+    """ConfigError unless `value` is one of the values `key` accepts (with the close matches of a typo)."""
+    allowed = choices(key)
+    if allowed is None or value in allowed:
+        return
+    close = difflib.get_close_matches(str(value), allowed, n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ConfigError(f"{key}={value!r}{where}: expected one of {', '.join(allowed)}{hint}")
 
 
 def keys(cfg: Config | None = None) -> dict[str, object]:
@@ -209,15 +251,23 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
         obj = getattr(cfg, section) if section else cfg
         target_type = hints[type(obj).__name__][name]
         new = _coerce(key, value, target_type, getattr(obj, name))
-        if key in CHOICES and new not in CHOICES[key]:
-            raise ConfigError(f"{key}={value!r}{where}: expected one of {', '.join(CHOICES[key])}")
+        check_choice(key, new, where)
         setattr(obj, name, new)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that a type alone does not express."""
+    """Every value check that a type alone does not express; the one place they are made."""
+    for key, value in keys(cfg).items():
+        check_choice(key, value)
+    _check_train(cfg)
+    _check_data(cfg.data)
+    _check_export(cfg.export)
+    _check_bench(cfg.bench)
+
+
+def _check_train(cfg: Config) -> None:
     t = cfg.train
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.accumulate": t.accumulate,
                 "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
@@ -229,25 +279,47 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr={t.lr}: expected a number > 0")
     if t.warmup_steps < 0 or not 0 <= t.final_lr_ratio <= 1:
         raise ConfigError("train.warmup_steps must be >= 0 and train.final_lr_ratio within [0, 1]")
-    if min(cfg.data.size) < 32:
-        raise ConfigError(f"data.size={cfg.data.size}: height and width must be >= 32")
-    if not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
-        raise ConfigError(f"data.scale={cfg.data.scale}: expected 0 < low <= high")
-    e = cfg.export
+    for key, spec in (("teacher.steps", cfg.teacher), ("student.steps", cfg.student)):
+        if spec.steps < 0:
+            raise ConfigError(f"{key}: expected an integer >= 0")
+
+
+def _check_data(d: DataConfig) -> None:
+    if min(d.size) < 32:
+        raise ConfigError(f"data.size={d.size}: height and width must be >= 32")
+    if not 0 < d.scale[0] <= d.scale[1]:
+        raise ConfigError(f"data.scale={d.scale}: expected 0 < low <= high")
+
+
+def _check_export(e: ExportConfig) -> None:
     if e.size != (0, 0) and min(e.size) < 32:
         raise ConfigError(f"export.size={e.size}: height and width must be >= 32 (or 0x0 for data.size)")
-    if e.batch < 1 or e.opset < 17 or not 0 <= e.opt_level <= 5 or e.calibration_frames < 1:
-        raise ConfigError("export.batch and export.calibration_frames must be >= 1, export.opset >= 17, "
-                          "export.opt_level within 0..5")
-    b = cfg.bench
+    if e.opset < 17:  # a decomposed LayerNormalization (opset < 17) overflows in FP16
+        raise ConfigError(f"export.opset={e.opset}: expected >= 17 (native LayerNormalization)")
+    if e.batch < 1 or not 0 <= e.opt_level <= 5 or e.calibration_frames < 1:
+        raise ConfigError("export.batch and export.calibration_frames must be >= 1, export.opt_level within 0..5")
+    if not e.parity_max_diff > 0:
+        raise ConfigError(f"export.parity_max_diff={e.parity_max_diff}: expected a number > 0")
+    if not 0 <= e.parity_min_agreement <= 1:
+        raise ConfigError(f"export.parity_min_agreement={e.parity_min_agreement}: expected a number within [0, 1]")
+
+
+def _check_bench(b: BenchConfig) -> None:
     if b.size != (0, 0) and min(b.size) < 32:
         raise ConfigError(f"bench.size={b.size}: height and width must be >= 32 (or 0x0 for the exported size)")
     if min(b.batch, b.iterations, b.rounds) < 1 or b.warmup < 0 or b.threads < 0 or b.eval_frames < 0:
         raise ConfigError("bench.batch, bench.iterations and bench.rounds must be >= 1, bench.warmup, "
                           "bench.threads and bench.eval_frames >= 0")
-    for key in ("teacher.steps", "student.steps"):
-        if keys(cfg)[key] < 0:
-            raise ConfigError(f"{key}: expected an integer >= 0")
+
+
+def export_size(cfg: Config) -> tuple[int, int]:
+    """The exported graph's H x W: export.size, or data.size where that is 0x0."""
+    return tuple(cfg.export.size) if tuple(cfg.export.size) != (0, 0) else tuple(cfg.data.size)
+
+
+def bench_size(cfg: Config) -> tuple[int, int]:
+    """The H x W latency is measured at: bench.size, or the exported size where that is 0x0."""
+    return tuple(cfg.bench.size) if tuple(cfg.bench.size) != (0, 0) else export_size(cfg)
 
 
 def parse_size(text: str, what: str = "--size") -> tuple[int, int]:
@@ -312,5 +384,6 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["Config", "DataConfig", "DistillConfig", "ExportConfig", "ModelConfig", "TrainConfig", "apply", "dump",
-           "keys", "load", "parse_overrides"]
+__all__ = ["CHOICES", "REGISTRIES", "BenchConfig", "Config", "DataConfig", "DistillConfig", "ExportConfig",
+           "ModelConfig", "TrainConfig", "apply", "bench_size", "check_choice", "choices", "dump", "export_size",
+           "keys", "load", "parse_overrides", "parse_size", "validate"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -13,22 +14,12 @@ from pathlib import Path
 import yaml
 
 from pipeline import config as config_mod
+from pipeline.cli import Parser, cli_main
 from pipeline.config import Config
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.errors import ConfigError, InputError
 from pipeline.io import atomic_path, write_json
+from pipeline.stages import STAGES, outputs, stage_flags
 
-STAGES = {
-    "teacher": "train the teacher on the dataset (from scratch, teacher.pretrained or teacher.checkpoint)",
-    "distill": "distil the student from the teacher (trains the teacher first when there is none)",
-    "eval": "mIoU of a checkpoint (--checkpoint, default the run's student) on the validation split",
-    "export": "student.onnx (parity-checked), student.fp16.onnx, student.int8.onnx + sidecars and export.md; "
-              "TensorRT plans where TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)",
-    "trt-build": "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is missing)",
-    "bench": "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, report.png",
-    "segment-bag": "segment --topic of a ROS 1 / ROS 2 bag (--bag) with --artifact into a new bag (--out) holding "
-                   "the original messages plus mask and overlay topics; --video adds an mp4 of the overlays",
-}
-TRAINING_STAGES = ("teacher", "distill")
 log = logging.getLogger("pipeline")
 
 
@@ -60,32 +51,22 @@ def setup_logging(run_dir: Path | None, main: bool, debug: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     lines = [f"  {k:<28} {json.dumps(v, default=list)}" for k, v in config_mod.keys().items()]
-    epilog = ("stages:\n" + "\n".join(f"  {k:<10} {v}" for k, v in STAGES.items())
+    epilog = ("stages:\n" + "\n".join(f"  {k:<11} {s.help}" for k, s in STAGES.items())
               + "\n\nkeys (key=value, defaults shown):\n" + "\n".join(lines)
               + "\n\nexample: python -m pipeline.run distill data.size=128x256 train.steps=200 "
               "distill.method=transkd-ea")
-    ap = argparse.ArgumentParser(prog="python -m pipeline.run", description="Distil, export and benchmark a "
-                                 "SegFormer student with TransKD.", epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m pipeline.run", description="Distil, export and benchmark a SegFormer student with "
+                "TransKD.", epilog=epilog)
     ap.add_argument("items", nargs="*", metavar="STAGE|key=value", help="stages to run, left to right, and overrides")
     ap.add_argument("--config", help="YAML file with sections data, teacher, student, train, distill")
     ap.add_argument("--run-dir", help="run directory (default: runs/<date>-<time>); an existing one is resumed")
-    ap.add_argument("--checkpoint", help="eval, export: the checkpoint to use (anything load_model loads; default "
-                    "the run's student.safetensors)")
-    ap.add_argument("--write-cityscapes", metavar="DIR", help="eval: also write Cityscapes-format predictions")
-    ap.add_argument("--quarter-res", action="store_true",
-                    help="eval: score at 1/4 resolution like the TransKD reference (comparison only)")
-    ap.add_argument("--bag", help="segment-bag: the input, a ROS 1 .bag file or a ROS 2 bag directory (sqlite3 or "
-                    "MCAP)")
-    ap.add_argument("--topic", help="segment-bag: the camera topic (sensor_msgs/Image or CompressedImage)")
-    ap.add_argument("--artifact", help="segment-bag: engine, ONNX or checkpoint (default: the run's student.onnx)")
-    ap.add_argument("--out", help="segment-bag: the output bag (default: <run dir>/<input name>.segmented[.bag])")
-    ap.add_argument("--video", metavar="MP4", help="segment-bag: also write the overlays as an mp4 video")
-    ap.add_argument("--fps", type=float, default=0.0, help="segment-bag: video frame rate (default: the topic's)")
-    ap.add_argument("--no-overlay", action="store_true", help="segment-bag: write the mask topic only")
-    ap.add_argument("--mask-topic", default="/segmentation/mask", help="segment-bag: topic of the mono8 class ids")
-    ap.add_argument("--overlay-topic", default="/segmentation/overlay", help="segment-bag: topic of the rgb8 overlay")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, stages in stage_flags().values():
+        title = ", ".join(stages)
+        group = groups.get(title) or groups.setdefault(title, ap.add_argument_group(f"{title} (stage flags)"))
+        # no default here: a flag absent from the command line stays absent, so one no stage asked for is told
+        # apart from a default value (_stage_flags fills the defaults in)
+        group.add_argument(flag.name, help=flag.help, default=argparse.SUPPRESS, **flag.options)
     return ap
 
 
@@ -123,51 +104,57 @@ def _write_config(run_dir: Path, cfg: Config, training: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        return _run(args)
-    except PipelineError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; `resume=auto` continues from the last checkpoint", file=sys.stderr)
-        return 130
+    return cli_main(build_parser(), _run, argv, interrupted="interrupted; `resume=auto` continues from the last "
+                    "checkpoint", intermixed=True)
 
 
-def _run(args) -> int:
+def _stage_flags(args: argparse.Namespace, stages: list[str]) -> None:
+    """Refuse a flag that none of `stages` takes and a --checkpoint that does not exist, before any work; then give
+    every flag not on the command line its default."""
+    for flag, owners in stage_flags().values():
+        if not hasattr(args, flag.dest):
+            setattr(args, flag.dest, flag.default)
+            continue
+        if not set(owners) & set(stages):
+            which = f"{owners[0]}, which is" if len(owners) == 1 else \
+                f"{', '.join(owners[:-1])} and {owners[-1]}, which are"
+            raise ConfigError(f"{flag.name} belongs to {which} not among the stages asked ({', '.join(stages)})")
+        value = getattr(args, flag.dest)
+        if flag.must_exist and value and not Path(value).exists():
+            raise InputError(f"{value}: no such file or directory ({flag.name})")
+
+
+def _run(args: argparse.Namespace) -> int:
     stages = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if not stages:
         raise ConfigError(f"no stage given; expected one or more of {', '.join(STAGES)} (see --help)")
     for s in stages:
         if s not in STAGES:
-            raise ConfigError(f"unknown stage {s!r}; expected one of {', '.join(STAGES)}")
+            close = difflib.get_close_matches(s, STAGES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown stage {s!r}; expected one of {', '.join(STAGES)}{hint}")
+    _stage_flags(args, stages)
     cfg = config_mod.load(args.config, overrides)
-    if args.checkpoint and not Path(args.checkpoint).exists():
-        raise InputError(f"{args.checkpoint}: no such file or directory (--checkpoint)")
 
     from pipeline.train import init_distributed  # torch is imported only once the command line is valid
 
     env = init_distributed(cfg.train.device)
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if env.main:
-        _write_config(run_dir, cfg, training=any(s in TRAINING_STAGES for s in stages))
+        _write_config(run_dir, cfg, training=any(STAGES[s].trains for s in stages))
     env.barrier()
     setup_logging(run_dir, env.main, args.debug)
     log.info("run directory %s (config.yaml written), device %s, %d process(es)", run_dir, env.device, env.world)
-    from pipeline import stages as stage_impl
-
     results = {}
     for s in stages:
-        results[s] = getattr(stage_impl, f"run_{s.replace('-', '_')}")(cfg, run_dir, env, args)
+        results[s] = STAGES[s].run(cfg, run_dir, env, args)
     if env.main:
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         summary.update(results)
         write_json(summary_path, summary)
-        stage_impl.print_outputs(run_dir, results)
+        print(outputs(run_dir, results))
     return 0
 
 

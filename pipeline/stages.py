@@ -1,28 +1,37 @@
-"""The stages `python -m pipeline.run` chains: teacher, distill, eval; each reads and writes one run directory."""
+"""The stages `python -m pipeline.run` chains, and their registry: each stage's function, help, own flags and the
+rows it adds to the run's list of outputs. The CLI builds its help from this module before torch is imported, so
+the stages import what they run with inside their functions."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader, Subset
-
-from pipeline.config import Config, ModelConfig
-from pipeline.data import EvalTransform, TrainTransform, build_dataset, ensure_synthetic
-from pipeline.distill import build_method
+from pipeline.artifacts import ARTIFACTS, INPUT_NAME, kinds, run_file
+from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC
+from pipeline.config import Config, ModelConfig, export_size
 from pipeline.errors import ConfigError, ExportError, InputError
-from pipeline.evaluate import evaluate, write_cityscapes
-from pipeline.export import ExportPlan, ExportSpec, export_student, report_table
 from pipeline.io import atomic_path, write_json
-from pipeline.models import build_model, load_model
-from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegFormer
-from pipeline.train import DistEnv, Trainer, derived_seed, seed_everything
+
+if TYPE_CHECKING:
+    from pipeline.models.segformer import SegFormer
+    from pipeline.train import DistEnv
 
 log = logging.getLogger("pipeline")
+Row = tuple[str, str]  # (file or name, what it is): one line of the outputs list printed after a run
+STUDENT = run_file("checkpoint")
+TEACHER = run_file("checkpoint", "teacher")
+ENGINE_KINDS = tuple(kinds("tensorrt"))  # each built from the ONNX of its row's `source`
 
 
 def data_root(cfg: Config, env: DistEnv) -> Path:
     """The dataset folder; the synthetic default is generated (by rank 0) when missing."""
+    from pipeline.data import ensure_synthetic
+
     d = cfg.data
     if d.dataset != "synthetic":
         return Path(d.root)
@@ -33,6 +42,9 @@ def data_root(cfg: Config, env: DistEnv) -> Path:
 
 
 def datasets(cfg: Config, run_dir: Path, env: DistEnv):
+    from pipeline.data import EvalTransform, TrainTransform, build_dataset
+    from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD
+
     d = cfg.data
     root = data_root(cfg, env)
     skip_log = run_dir / "skipped_samples.txt"
@@ -49,6 +61,10 @@ def new_model(spec: ModelConfig, train_set, size, seed: int) -> SegFormer:
     """A model for the dataset's label set: from spec.checkpoint (fine-tune), spec.pretrained (backbone) or
     scratch (initialised from `seed`, so every process and every rerun starts from the same weights); its meta
     (classes, palette, input size) comes from the dataset."""
+    from pipeline.models import build_model, load_model
+    from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+    from pipeline.train import seed_everything
+
     seed_everything(seed)
     if spec.checkpoint:
         model = load_model(spec.checkpoint, strict=True)
@@ -67,7 +83,11 @@ def new_model(spec: ModelConfig, train_set, size, seed: int) -> SegFormer:
     return model
 
 
+# ------------------------------------------------------------------------------------------------ training
 def run_teacher(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    from pipeline.distill import build_method
+    from pipeline.train import Trainer, derived_seed
+
     train, val = datasets(cfg, run_dir, env)
     teacher = new_model(cfg.teacher, train, cfg.data.size, derived_seed(cfg.seed, "teacher", "init"))
     method = build_method("none", None, teacher)
@@ -76,12 +96,16 @@ def run_teacher(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
 
 
 def run_distill(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    from pipeline.distill import build_method
+    from pipeline.models import load_model
+    from pipeline.train import Trainer, derived_seed, seed_everything
+
     out = {}
     if cfg.teacher.checkpoint:
         teacher_path = Path(cfg.teacher.checkpoint)
     else:
-        teacher_path = run_dir / "teacher.safetensors"
-        if not (run_dir / "teacher.last.safetensors").is_file():
+        teacher_path = run_dir / TEACHER
+        if not (run_dir / run_file("checkpoint", "teacher.last")).is_file():
             log.info("no teacher.checkpoint given and none trained in %s: training the teacher first", run_dir)
             out["teacher"] = run_teacher(cfg, run_dir, env)
     train, val = datasets(cfg, run_dir, env)
@@ -100,8 +124,21 @@ def run_distill(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {**out, **summary, "teacher_checkpoint": str(teacher_path), "skipped_samples": _skipped(run_dir)}
 
 
+def _training_rows(result: dict) -> list[Row]:
+    """The best validation mIoU of each model the stage trained (distill may have trained the teacher first)."""
+    parts = ([result["teacher"]] if isinstance(result.get("teacher"), dict) else []) + [result]
+    return [(f"{p['role']} ({p['method']})", f"best val mIoU {100 * p['best_val_miou']:.2f} %")
+            for p in parts if p and p.get("best_val_miou") is not None and p.get("role")]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
 def run_eval(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
-    path = Path(getattr(args, "checkpoint", None) or run_dir / "student.safetensors")
+    from torch.utils.data import DataLoader, Subset
+
+    from pipeline.evaluate import evaluate, write_cityscapes
+    from pipeline.models import load_model
+
+    path = Path(getattr(args, "checkpoint", None) or run_dir / STUDENT)
     model = load_model(path).to(env.device)
     _, val = datasets(cfg, run_dir, env)
     if model.config.num_classes != val.num_classes:
@@ -124,11 +161,19 @@ def run_eval(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {"checkpoint": str(path), "miou": result.miou}
 
 
+def _eval_rows(result: dict) -> list[Row]:
+    return [("eval.json", f"mIoU {100 * result['miou']:.2f} % of {result['checkpoint']}")]
+
+
+# ------------------------------------------------------------------------------------------------ export
 def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     """ONNX artifacts of the student (or of --checkpoint), checked and scored; engines where TensorRT runs."""
+    from pipeline.export import export_student, report_table
+    from pipeline.models import load_model
+
     if not env.main:
         return {}  # one process exports; the others (under torchrun) have nothing to do
-    path = Path(getattr(args, "checkpoint", None) or run_dir / "student.safetensors")
+    path = Path(getattr(args, "checkpoint", None) or run_dir / STUDENT)
     if not path.exists():
         raise InputError(f"{path}: no student to export; run the distill stage first or pass --checkpoint")
     model = load_model(path)
@@ -136,12 +181,8 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     if model.config.num_classes != val.num_classes:
         raise ConfigError(f"{path}: predicts {model.config.num_classes} classes, {val.name} has {val.num_classes}; "
                           "export checks and calibrates on the run's dataset (data.dataset, data.root)")
-    e = cfg.export
-    size = tuple(e.size) if tuple(e.size) != (0, 0) else tuple(cfg.data.size)
-    spec = ExportSpec(e.input, e.output, size, e.batch, e.dynamic, e.opset)
-    plan = ExportPlan(spec, e.fp16, e.int8, e.parity_frames, e.calibration_frames, e.calibration_method,
-                      e.int8_backend, e.eval_frames, e.simplify)
-    report = export_student(model, run_dir, plan, val, train, source=path)
+    e = replace(cfg.export, size=export_size(cfg))
+    report = export_student(model, run_dir, e, val, train, source=path)
     if e.engines == "auto":
         from trt.build import tensorrt_unavailable
 
@@ -154,8 +195,8 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     write_json(run_dir / "export.json", report)
     table = report_table(report)
     with atomic_path(run_dir / "export.md") as tmp:
-        tmp.write_text(f"# Export of {path}\n\n{spec.input} input, {spec.output} output, {size[0]}x{size[1]}, "
-                       f"batch {spec.batch}{', dynamic' if spec.dynamic else ''}; mIoU on "
+        tmp.write_text(f"# Export of {path}\n\n{e.input} input, {e.output} output, {e.size[0]}x{e.size[1]}, "
+                       f"batch {e.batch}{', dynamic' if e.dynamic else ''}; mIoU on "
                        f"{report['eval']['frames']} {val.name} {val.split} frames at full label resolution\n\n"
                        f"{table}\n")
     print(table)
@@ -164,25 +205,35 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
             "engines": report.get("engines")}
 
 
+def _export_rows(result: dict) -> list[Row]:
+    if not result:
+        return []
+    rows = [(file, f"{kind} ONNX (+ {file}.json), mIoU {100 * result['miou'][kind]:.2f} %")
+            for kind, file in result["artifacts"].items()]
+    rows += _engine_rows(result)
+    return rows + [("export.md", "parity and mIoU of every artifact (export.json: all details)")]
+
+
 def _build_engines(cfg: Config, run_dir: Path) -> dict:
+    """The TensorRT engine of every ONNX in the run that an engine kind is built from: {precision: file}."""
     from trt.build import build_engine
 
     e = cfg.export
     shapes = {}
     if e.dynamic:  # one profile: batch 1 at half size up to 2x the batch at twice the size, tuned at the export's
-        h, w = tuple(e.size) if tuple(e.size) != (0, 0) else tuple(cfg.data.size)
+        h, w = export_size(cfg)
         dims = (lambda n, hh, ww: (n, hh, ww, 3)) if e.input == "uint8" else (lambda n, hh, ww: (n, 3, hh, ww))
-        shapes = {"min_shapes": {"image": dims(1, h // 2, w // 2)}, "opt_shapes": {"image": dims(e.batch, h, w)},
-                  "max_shapes": {"image": dims(2 * e.batch, 2 * h, 2 * w)}}
+        shapes = {"min_shapes": {INPUT_NAME: dims(1, h // 2, w // 2)}, "opt_shapes": {INPUT_NAME: dims(e.batch, h, w)},
+                  "max_shapes": {INPUT_NAME: dims(2 * e.batch, 2 * h, 2 * w)}}
     built = {}
-    for precision in ("fp16", "int8"):
-        onnx_path = run_dir / f"student.{precision}.onnx"
+    for kind in ENGINE_KINDS:
+        onnx_path = run_dir / run_file(ARTIFACTS[kind].source)
         if onnx_path.is_file():
-            plan = run_dir / f"student.{precision}.plan"
+            plan = run_dir / run_file(kind)
             log.info("export: building %s from %s", plan.name, onnx_path.name)
             build_engine(onnx_path, plan, workspace_gib=e.workspace_gib, opt_level=e.opt_level,
                          timing_cache_dir=run_dir / "timing-cache", **shapes)
-            built[precision] = plan.name
+            built[ARTIFACTS[kind].precision] = plan.name
     return built
 
 
@@ -195,21 +246,34 @@ def run_trt_build(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     reason = tensorrt_unavailable()
     if reason:
         raise ExportError(f"trt-build: {reason}")
-    if not any((run_dir / f"student.{p}.onnx").is_file() for p in ("fp16", "int8")):
-        raise InputError(f"{run_dir}: no student.fp16.onnx or student.int8.onnx; run the export stage first")
+    sources = [run_file(ARTIFACTS[k].source) for k in ENGINE_KINDS]
+    if not any((run_dir / s).is_file() for s in sources):
+        raise InputError(f"{run_dir}: no {' or '.join(sources)}; run the export stage first")
     return {"engines": _build_engines(cfg, run_dir)}
 
 
+def _engine_rows(result: dict) -> list[Row]:
+    engines = {run_file(k) for k in ENGINE_KINDS}
+    return [(file, "TensorRT engine (+ .json sidecar)") for file in (result.get("engines") or {}).values()
+            if file in engines]
+
+
+# ------------------------------------------------------------------------------------------------ bench, bags
 def run_bench(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
-    """Params, GMACs, latency and mIoU of every artifact in the run directory (benchmarks/report.py)."""
+    """Params, GMACs, latency and mIoU of every artifact in the run directory (pipeline/report.py)."""
     if not env.main:
         return {}
-    from benchmarks.report import bench_run
+    from pipeline.report import bench_run
 
     _, val = datasets(cfg, run_dir, env)
     report = bench_run(cfg, run_dir, val)
     print((run_dir / "report.md").read_text())
     return {"rows": len(report["results"])}
+
+
+def _bench_rows(result: dict) -> list[Row]:
+    return [("report.md", f"params, GMACs, latency and mIoU of {result['rows']} artifact/device pairs "
+                          "(report.json, report.png: mIoU against latency)")] if result else []
 
 
 def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
@@ -222,7 +286,7 @@ def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict
     if not getattr(args, "bag", None) or not getattr(args, "topic", None):
         raise InputError("segment-bag: give --bag IN and --topic /camera/... (and --artifact, --out)")
     bag = Path(args.bag)
-    artifact = Path(args.artifact or run_dir / "student.onnx")
+    artifact = Path(args.artifact or run_dir / run_file("onnx"))
     if not artifact.exists():
         raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
     out = Path(args.out or run_dir / (bag.name.removesuffix(".bag") + ".segmented" + (".bag" if bag.suffix == ".bag"
@@ -237,40 +301,100 @@ def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict
     return summary
 
 
+def _bag_rows(result: dict) -> list[Row]:
+    if not result:
+        return []
+    rows = [(result["out"], f"{result['frames']} frames segmented ({result['refused']} refused), "
+                            f"{result['frames_per_second']:.1f} frames/s")]
+    return rows + ([(result["video"], "overlay video")] if result.get("video") else [])
+
+
 def _skipped(run_dir: Path) -> int:
     f = run_dir / "skipped_samples.txt"
     return len(set(f.read_text().splitlines())) if f.is_file() else 0
 
 
-def print_outputs(run_dir: Path, results: dict) -> None:
-    """Tell the user where everything went."""
+# ------------------------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag of one or more stages; `default` is its value when not given."""
+
+    name: str  # --checkpoint
+    help: str
+    default: Any = None
+    options: dict = field(default_factory=dict)  # more argparse keywords: metavar, type, action
+    must_exist: bool = False  # a path, refused before any work when missing
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config, Path, DistEnv, argparse.Namespace], dict]
+    help: str
+    flags: tuple[Flag, ...] = ()
+    rows: Callable[[dict], list[Row]] = lambda result: []  # what the stage wrote, for the list printed at the end
+    trains: bool = False  # an existing run directory refuses other values of the keys that change training
+
+
+CHECKPOINT = Flag("--checkpoint", f"the checkpoint to use (anything load_model loads; default the run's {STUDENT})",
+                  must_exist=True)
+EVAL_FLAGS = (Flag("--write-cityscapes", "also write Cityscapes-format predictions", options={"metavar": "DIR"}),
+              Flag("--quarter-res", "score at 1/4 resolution like the TransKD reference (comparison only)", False,
+                   {"action": "store_true"}))
+BAG_FLAGS = (
+    Flag("--bag", "the input, a ROS 1 .bag file or a ROS 2 bag directory (sqlite3 or MCAP)"),
+    Flag("--topic", "the camera topic (sensor_msgs/Image or CompressedImage)"),
+    Flag("--artifact", f"engine, ONNX or checkpoint (default: the run's {run_file('onnx')})"),
+    Flag("--out", "the output bag (default: <run dir>/<input name>.segmented[.bag])"),
+    Flag("--video", "also write the overlays as an mp4 video", options={"metavar": "MP4"}),
+    Flag("--fps", "video frame rate (default: the topic's)", 0.0, {"type": float}),
+    Flag("--no-overlay", "write the mask topic only", False, {"action": "store_true"}),
+    Flag("--mask-topic", f"topic of the mono8 class ids (default: {MASK_TOPIC})", MASK_TOPIC),
+    Flag("--overlay-topic", f"topic of the rgb8 overlay (default: {OVERLAY_TOPIC})", OVERLAY_TOPIC),
+)
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("teacher", run_teacher, "train the teacher on the dataset (from scratch, teacher.pretrained or "
+          "teacher.checkpoint)", rows=_training_rows, trains=True),
+    Stage("distill", run_distill, "distil the student from the teacher (trains the teacher first when there is none)",
+          rows=_training_rows, trains=True),
+    Stage("eval", run_eval, f"mIoU of a checkpoint (--checkpoint, default the run's {STUDENT}) on the validation "
+          "split", (CHECKPOINT, *EVAL_FLAGS), _eval_rows),
+    Stage("export", run_export, f"{run_file('onnx')} (parity-checked), "
+          f"{', '.join(run_file(k) for k in kinds('onnx')[1:])} + sidecars and export.md; TensorRT plans where "
+          "TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)", (CHECKPOINT,), _export_rows),
+    Stage("trt-build", run_trt_build, "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is "
+          "missing)", rows=_engine_rows),
+    Stage("bench", run_bench, "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, "
+          "report.png", rows=_bench_rows),
+    Stage("segment-bag", run_segment_bag, "segment --topic of a ROS 1 / ROS 2 bag (--bag) with --artifact into a new "
+          "bag (--out) holding the original messages plus mask and overlay topics; --video adds an mp4 of the "
+          "overlays", BAG_FLAGS, _bag_rows),
+)}
+
+
+def stage_flags() -> dict[str, tuple[Flag, list[str]]]:
+    """Every flag once, in registry order, with the stages that take it."""
+    out: dict[str, tuple[Flag, list[str]]] = {}
+    for stage in STAGES.values():
+        for flag in stage.flags:
+            out.setdefault(flag.name, (flag, []))[1].append(stage.name)
+    return out
+
+
+def outputs(run_dir: Path, results: dict[str, dict]) -> str:
+    """Where everything went: the run directory's own files, then what each stage of this call wrote."""
     rows = [("config.yaml", "resolved config of this run"),
             ("run.log", "log; tensorboard/ has the loss, lr and mIoU curves")]
     for role in ("teacher", "student"):
-        if (run_dir / f"{role}.safetensors").is_file():
-            rows.append((f"{role}.safetensors", f"best-on-val {role} (+ .json sidecar); {role}.last.safetensors: "
-                                                 "final step"))
-    for name, res in results.items():
-        for part in ([res.get("teacher")] if isinstance(res.get("teacher"), dict) else []) + [res]:
-            if part and part.get("best_val_miou") is not None and part.get("role"):
-                rows.append((f"{part['role']} ({part['method']})",
-                             f"best val mIoU {100 * part['best_val_miou']:.2f} %"))
-        if name == "eval":
-            rows.append(("eval.json", f"mIoU {100 * res['miou']:.2f} % of {res['checkpoint']}"))
-        if name == "export" and res:
-            for kind, file in res["artifacts"].items():
-                rows.append((file, f"{kind} ONNX (+ {file}.json), mIoU {100 * res['miou'][kind]:.2f} %"))
-            for file in (res.get("engines") or {}).values():
-                if isinstance(file, str) and file.endswith(".plan"):
-                    rows.append((file, "TensorRT engine (+ .json sidecar)"))
-            rows.append(("export.md", "parity and mIoU of every artifact (export.json: all details)"))
-        if name == "segment-bag" and res:
-            rows.append((res["out"], f"{res['frames']} frames segmented ({res['refused']} refused), "
-                                     f"{res['frames_per_second']:.1f} frames/s"))
-            if res.get("video"):
-                rows.append((res["video"], "overlay video"))
-        if name == "bench" and res:
-            rows.append(("report.md", f"params, GMACs, latency and mIoU of {res['rows']} artifact/device pairs "
-                                      "(report.json, report.png: mIoU against latency)"))
+        name = run_file("checkpoint", role)
+        if (run_dir / name).is_file():
+            rows.append((name, f"best-on-val {role} (+ .json sidecar); {run_file('checkpoint', f'{role}.last')}: "
+                               "final step"))
+    for name, result in results.items():
+        rows += STAGES[name].rows(result)
     width = max(len(k) for k, _ in rows)
-    print("\n".join([f"run directory: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]))
+    return "\n".join([f"run directory: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)])

@@ -1,14 +1,10 @@
 """segment-bag: real ROS 1 and ROS 2 (sqlite3, MCAP) bags written with rosbags, segmented, read back."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 rosbags = pytest.importorskip("rosbags")
 from rosbags.highlevel import AnyReader  # noqa: E402
@@ -17,26 +13,21 @@ from rosbags.rosbag2 import StoragePlugin  # noqa: E402
 from rosbags.rosbag2 import Writer as Writer2  # noqa: E402
 from rosbags.typesys import Stores, get_typestore  # noqa: E402
 
-from pipeline.data import build_dataset, ensure_synthetic  # noqa: E402
-from pipeline.export import ExportPlan, ExportSpec, export_student  # noqa: E402
+from pipeline.config import ExportConfig  # noqa: E402
+from pipeline.export import export_student  # noqa: E402
 from pipeline.infer import Segmenter  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from tests.conftest import run_cli, splits, spread_student  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 128)
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 4, 4, (96, 192), 0, progress=False)
-    train, val = build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
-    torch.manual_seed(0)
-    model = build_model("mit_b0", num_classes=19).eval()
-    with torch.no_grad():
-        model.head.classifier.weight.mul_(300.0)
+def art(tmp_path_factory, synthetic):
+    root = synthetic(4, 4, (96, 192))
+    train, val = splits(root)
     d = tmp_path_factory.mktemp("artifact")
-    export_student(model, d, ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=False, parity_frames=2,
-                                        eval_frames=2), val, train)
+    export_student(spread_student(), d, ExportConfig(input="float", output="logits", size=SIZE, fp16=False,
+                                                     int8=False, parity_frames=2, eval_frames=2), val, train)
     frames = [np.ascontiguousarray(val.read(i)[0][:, :, ::-1]) for i in range(3)]  # BGR
     return {"onnx": d / "student.onnx", "frames": frames, "root": root}
 
@@ -89,10 +80,7 @@ def write_bag(path: Path, kind: str, frames, only: str | None = None) -> Path:
 
 
 def cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+    return run_cli("segment-bag", *args, cwd=cwd)
 
 
 def read_back(path: Path):
@@ -104,7 +92,7 @@ def read_back(path: Path):
 def test_segment_bag_writes_masks_and_overlays_under_the_original_stamps(art, tmp_path, kind):
     bag = write_bag(tmp_path / ("drive.bag" if kind == "ros1" else "drive"), kind, art["frames"])
     out = tmp_path / ("out.bag" if kind == "ros1" else "out")
-    code, stdout, err = cli("segment-bag", "--run-dir", str(tmp_path / "run"), "--bag", str(bag), "--topic",
+    code, stdout, err = cli("--run-dir", str(tmp_path / "run"), "--bag", str(bag), "--topic",
                             "/cam/image", "--artifact", str(art["onnx"]), "--out", str(out), "--video",
                             str(tmp_path / "overlay.mp4"), f"data.root={art['root']}", cwd=tmp_path)
     assert code == 0, err
@@ -136,7 +124,7 @@ def test_segment_bag_writes_masks_and_overlays_under_the_original_stamps(art, tm
 def test_compressed_topic(art, tmp_path, kind):
     bag = write_bag(tmp_path / ("drive.bag" if kind == "ros1" else "drive"), kind, art["frames"], only="/cam/jpeg")
     out = tmp_path / ("out.bag" if kind == "ros1" else "out")
-    code, _, err = cli("segment-bag", "--run-dir", str(tmp_path / "run"), "--bag", str(bag), "--topic", "/cam/jpeg",
+    code, _, err = cli("--run-dir", str(tmp_path / "run"), "--bag", str(bag), "--topic", "/cam/jpeg",
                        "--artifact", str(art["onnx"]), "--out", str(out), "--no-overlay", cwd=tmp_path)
     assert code == 0, err
     masks = [m for t, _, _, m in read_back(out) if t == "/segmentation/mask"]
@@ -163,7 +151,7 @@ def test_bad_bags_and_topics_are_one_line(art, tmp_path):
     ]
     for args, message in cases:
         out = [] if "--out" in args else ["--out", str(tmp_path / "o.bag")]
-        code, _, err = cli("segment-bag", "--run-dir", str(tmp_path / "run"), "--artifact", str(art["onnx"]), *args,
+        code, _, err = cli("--run-dir", str(tmp_path / "run"), "--artifact", str(art["onnx"]), *args,
                            *out, cwd=tmp_path)
         last = err.strip().splitlines()[-1]
         assert code == 2 and last.startswith("error:") and message in last and "Traceback" not in err, err

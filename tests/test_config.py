@@ -1,9 +1,17 @@
-"""Configuration: defaults, YAML, key=value overrides, one-line errors."""
+"""Configuration and the command line: defaults, YAML, key=value overrides, one-line errors, the stage registry's
+flags, and the package's entry points."""
+
+import ast
+import importlib
+import json
+from pathlib import Path
 
 import pytest
 
 from pipeline import config
 from pipeline.errors import ConfigError
+from pipeline.stages import STAGES, stage_flags
+from tests.conftest import ROOT, run_cli
 
 
 def test_overrides_are_typed():
@@ -35,6 +43,16 @@ def test_yaml_then_command_line(tmp_path):
     ("train.amp=int8", r"expected one of auto, off, bf16, fp16"),
     ("data.size=16x16", r"must be >= 32"),
     ("nonsense", r"expected key=value"),
+    # choice lists come from the registries: datasets, variants, distillation methods, artifact contracts
+    ("distill.method=transkd-e", r"distill.method='transkd-e': expected one of none, kd, .* \(did you mean transkd-ea"),
+    ("student.variant=mit_b9", r"student.variant='mit_b9': expected one of mit_b0, mit_b1"),
+    ("export.input=rgb", r"export.input='rgb': expected one of float, uint8"),
+    ("export.output=mask", r"expected one of logits, labels"),
+    ("export.calibration_method=percentile", r"expected one of entropy, max"),
+    ("export.int8_backend=tensorrt", r"expected one of modelopt, ort"),
+    ("export.opset=16", r"export.opset=16: expected >= 17"),
+    ("export.parity_max_diff=0", r"export.parity_max_diff=0.0: expected a number > 0"),
+    ("export.parity_min_agreement=1.5", r"export.parity_min_agreement=1.5: expected a number within \[0, 1\]"),
 ])
 def test_bad_values_are_one_line_errors(item, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -69,3 +87,109 @@ def test_off_is_a_word_on_the_command_line_and_in_yaml(tmp_path):
     cfg = config.load(str(f), [])
     assert (cfg.train.amp, cfg.export.engines) == ("off", "off")
     assert config.load(None, ["data.flip=false"]).data.flip is False  # booleans stay booleans
+
+
+def test_registries_are_the_choice_lists():
+    from pipeline.artifacts import INPUTS, OUTPUTS
+    from pipeline.data import DATASETS
+    from pipeline.distill import METHODS
+    from pipeline.models import VARIANTS
+
+    assert config.choices("data.dataset") == tuple(DATASETS) and config.choices("distill.method") == tuple(METHODS)
+    assert config.choices("teacher.variant") == config.choices("student.variant") == tuple(VARIANTS)
+    assert config.choices("export.input") == tuple(INPUTS) and config.choices("export.output") == tuple(OUTPUTS)
+    assert config.choices("train.steps") is None
+    config.validate(config.Config())  # every default is one of its choices
+
+
+def test_export_size_falls_back_to_the_data_size():
+    assert config.export_size(config.load(None, ["data.size=96x160"])) == (96, 160)
+    cfg = config.load(None, ["data.size=96x160", "export.size=64x128"])
+    assert config.export_size(cfg) == (64, 128) and config.bench_size(cfg) == (64, 128)
+    assert config.bench_size(config.load(None, ["export.size=64x128", "bench.size=256x512"])) == (256, 512)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def test_help_lists_stages_their_flags_and_every_key_with_its_default():
+    code, out, err = run_cli("--help")
+    assert code == 0, err
+    for name in STAGES:
+        assert f"\n  {name} " in out
+    for key, value in config.keys().items():
+        assert f"  {key:<28} {json.dumps(value, default=list)}\n" in out, key
+    assert "segment-bag (stage flags):\n  --bag BAG" in out and "eval, export (stage flags):\n  --checkpoint" in out
+
+
+def test_flags_belong_to_their_stages():
+    flags = {name: owners for name, (_, owners) in stage_flags().items()}
+    assert flags["--checkpoint"] == ["eval", "export"] and flags["--quarter-res"] == ["eval"]
+    assert all(flags[f] == ["segment-bag"] for f in ("--bag", "--topic", "--artifact", "--out", "--video", "--fps",
+                                                      "--no-overlay", "--mask-topic", "--overlay-topic"))
+    assert not STAGES["distill"].flags and not STAGES["bench"].flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--bag", "x.bag"], "--bag belongs to segment-bag, which is not among the stages asked (distill)"),
+    (["teacher", "distill", "--checkpoint", "x.safetensors"],
+     "--checkpoint belongs to eval and export, which are not among the stages asked (teacher, distill)"),
+    (["export", "--fps", "5"], "--fps belongs to segment-bag, which is not among the stages asked (export)"),
+])
+def test_a_flag_of_a_stage_not_asked_is_refused_before_any_work(tmp_path, argv, message):
+    run = tmp_path / "run"
+    code, out, err = run_cli(*argv, "--run-dir", str(run), cwd=tmp_path)
+    assert code == 2 and err == f"error: {message}\n" and not out
+    assert not run.exists() and not (tmp_path / "runs").exists()  # no config.yaml, nothing at all
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = ("distill", "train.stepz=3", "--run-dir", str(tmp_path / "run"))
+    code, _, err = run_cli(*args)
+    assert code == 2 and err.startswith("error: unknown key 'train.stepz'") and err.count("\n") == 1
+    code, _, err = run_cli(*args, "--debug")
+    assert code != 0 and "Traceback (most recent call last)" in err and "ConfigError: unknown key" in err
+
+
+# ------------------------------------------------------------------------------------------------ the package
+def test_the_package_declares_its_console_scripts_and_packages():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    scripts = project["project"]["scripts"]
+    assert {"transkd", "transkd-latency", "transkd-accuracy", "transkd-flops", "transkd-trt-build"} <= set(scripts)
+    assert scripts["transkd"] == "pipeline.run:main"
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["pipeline*", "trt*", "benchmarks*"]
+    assert setuptools["package-data"]["pipeline"] == ["configs/*.yaml"]
+    dynamic = setuptools["dynamic"]
+    assert dynamic["dependencies"]["file"] == ["requirements.txt", "requirements-quant.txt"]
+    assert dynamic["optional-dependencies"]["dev"]["file"] == ["requirements-dev.txt"]
+    for name in ("requirements.txt", "requirements-quant.txt", "requirements-dev.txt", "requirements-gpu.txt"):
+        lines = [x.strip() for x in (ROOT / name).read_text().splitlines()]
+        assert not [x for x in lines if x.startswith("-")], f"{name}: setuptools reads no pip options"
+    torch_lines = [x for x in (ROOT / "requirements.txt").read_text().splitlines() if x.startswith("torch")]
+    assert torch_lines == ["torch==2.13.0"]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_pipeline_does_not_import_benchmarks_and_scripts_do_not_edit_sys_path():
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        assert not {m for m in _imported_modules(path) if m.split(".")[0] == "benchmarks"}, path
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        assert "sys.path" not in path.read_text(), path
+
+
+def test_one_place_prints_errors():
+    printers = [p.relative_to(ROOT).as_posix() for folder in ("pipeline", "benchmarks", "trt", "ros")
+                for p in sorted((ROOT / folder).rglob("*.py")) if "error: {e}" in p.read_text()]
+    assert printers == ["pipeline/cli.py"]

@@ -1,4 +1,5 @@
-"""FLOPs counter: the paper's anchors, an independent cross-check, ONNX graphs and the CLI."""
+"""The MAC counter (pipeline/flops.py): the paper's anchors, an independent cross-check, ONNX graphs; and its CLI
+(benchmarks/flops.py)."""
 
 import json
 
@@ -7,7 +8,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import flops
+from benchmarks.flops import main
+from pipeline import flops
+from pipeline.errors import PipelineError
 from pipeline.models import build_model, save_model
 
 
@@ -40,14 +43,14 @@ def test_onnx_graph_count_matches_the_module_count(tmp_path):
     assert graph.conv == module.conv
     assert graph.linear == module.linear
     assert graph.attention == module.attention
-    with pytest.raises(flops.PipelineError, match="fixed to"):
+    with pytest.raises(PipelineError, match="fixed to"):
         flops.count_onnx(tmp_path / "m.onnx", (128, 128))
 
 
 def test_cli_table_json_and_checkpoint_input(tmp_path, capsys):
     save_model(build_model("mit_b0"), tmp_path / "student.safetensors")
     out = tmp_path / "flops.json"
-    rc = flops.main(["--model", "mit_b2", str(tmp_path / "student.safetensors"), "--size", "256x512", "128x256",
+    rc = main(["--model", "mit_b2", str(tmp_path / "student.safetensors"), "--size", "256x512", "128x256",
                      "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -61,10 +64,12 @@ def test_cli_table_json_and_checkpoint_input(tmp_path, capsys):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert flops.main(["--model", "mit_b0", "--size", "512by1024"]) == 2
+    assert main(["--model", "mit_b0", "--size", "512by1024"]) == 2
     assert capsys.readouterr().err.strip() == "error: --size '512by1024': expected HEIGHTxWIDTH, e.g. 512x1024"
-    assert flops.main(["--model", "resnet50"]) == 2
+    assert main(["--model", "resnet50"]) == 2
     assert "resnet50: not a variant" in capsys.readouterr().err
     (tmp_path / "bad.onnx").write_bytes(b"not a protobuf at all")
-    assert flops.main(["--model", str(tmp_path / "bad.onnx")]) == 2
+    assert main(["--model", str(tmp_path / "bad.onnx")]) == 2
     assert "bad.onnx: not a readable ONNX model" in capsys.readouterr().err
+    with pytest.raises(PipelineError, match="resnet50: not a variant"):  # --debug: the exception, traceback and all
+        main(["--model", "resnet50", "--debug"])

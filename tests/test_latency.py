@@ -1,24 +1,21 @@
-"""benchmarks/latency.py, accuracy.py and the bench stage: statistics, interleaving, every backend here end to end,
-the JSON schema, and the refusals."""
+"""pipeline/timing.py and the scripts over it (benchmarks/latency.py, accuracy.py) and the bench stage: statistics,
+interleaving, every backend here end to end, the JSON schema, and the refusals."""
 
 import json
-import os
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from benchmarks import latency
-from benchmarks.latency import Target, parse_amount, run_interleaved, summarize
-from pipeline.data import build_dataset, ensure_synthetic
+from pipeline import timing
+from pipeline.config import ExportConfig
 from pipeline.errors import InputError
-from pipeline.export import ExportPlan, ExportSpec, export_student
+from pipeline.export import export_student
 from pipeline.models import build_model, save_model
+from pipeline.timing import Target, parse_amount, run_interleaved, summarize
+from tests.conftest import run_cli, splits, spread_student
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 128)
 
 
@@ -63,27 +60,22 @@ def test_interleaving_alternates_and_shares_the_iterations():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, synthetic):
     """A run directory as distill + export leave it (teacher, student, student.onnx, student.int8.onnx)."""
-    root = ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", 6, 4, SIZE, 0, progress=False)
-    train, val = build_dataset("synthetic", root, "train"), build_dataset("synthetic", root, "val")
+    root = synthetic(6, 4, SIZE)
+    train, val = splits(root)
     run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    student = build_model("mit_b0", num_classes=19).eval()
-    with torch.no_grad():
-        student.head.classifier.weight.mul_(300.0)
+    student = spread_student()
     save_model(student, run / "student.safetensors")
     save_model(build_model("mit_b1", num_classes=19).eval(), run / "teacher.safetensors")
     int8 = pytest.importorskip("modelopt.onnx.quantization", reason="INT8 needs nvidia-modelopt") is not None
-    export_student(student, run, ExportPlan(ExportSpec("float", "logits", SIZE), fp16=False, int8=int8,
-                                            parity_frames=2, calibration_frames=4), val, train)
+    export_student(student, run, ExportConfig(input="float", output="logits", size=SIZE, fp16=False, int8=int8,
+                                              parity_frames=2, calibration_frames=4), val, train)
     return run, root
 
 
-def cli(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+def cli(*args):
+    return run_cli(*args, module=None)
 
 
 def test_latency_of_every_backend_here_with_a_baseline(run_dir, tmp_path):
@@ -104,7 +96,7 @@ def test_latency_of_every_backend_here_with_a_baseline(run_dir, tmp_path):
     assert rows["student.onnx"]["backend"] == "onnxruntime" and rows["student.safetensors"]["backend"] == "torch"
     assert rows["student.int8.onnx"]["precision"] == "int8"
     for r in rows.values():
-        assert set(latency.STATS) | {"count", "throughput"} == set(r["compute"]) and r["compute"]["count"] == 4
+        assert set(timing.STATS) | {"count", "throughput"} == set(r["compute"]) and r["compute"]["count"] == 4
         assert r["compute"]["min"] <= r["compute"]["p50"] <= r["compute"]["p99"] <= r["compute"]["max"]
         assert {"preprocess", "postprocess", "end_to_end"} <= set(r) and r["frame_size"] == "96x192"
         assert r["end_to_end"]["mean"] >= r["preprocess"]["mean"]
@@ -131,16 +123,12 @@ def test_latency_refusals_are_one_line(run_dir, args, message):
 
 def test_engine_outside_its_profile_is_refused_before_tensorrt_is_needed(run_dir, tmp_path):
     pytest.importorskip("trt.runtime")
-    plan = tmp_path / "student.fp16.plan"
-    plan.write_bytes(b"engine bytes")
-    side = {"file": plan.name, "precision": "fp16", "tensorrt": "10.3.0",
-            "gpu": {"name": "x", "compute_capability": "8.6"},
-            "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
-                        "profile": {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 128], "max": [2, 3, 128, 256]}}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 19, "h", "w"]}],
-            "source": {"file": "student.fp16.onnx", "sha256": "0", "opset": 19}, "metadata": {},
-            "build": {"version_compatible": False, "hardware_compat": "none"}}
-    (tmp_path / "student.fp16.plan.json").write_text(json.dumps(side))
+    from tests.test_trt_runtime import plan_files, sidecar
+
+    side = sidecar("student.int8.plan")
+    image = {**side.details["inputs"][0], "profile": {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 128],
+                                                      "max": [2, 3, 128, 256]}}
+    plan = plan_files(tmp_path, replace(side, details={**side.details, "inputs": [image]}))
     code, _, err = cli("benchmarks/latency.py", "--engine", str(plan), "--batch", "4", "--size", "64x128")
     assert code == 2 and err.count("\n") == 1 and "4" in err and "profile" in err, err
     code, _, err = cli("benchmarks/latency.py", "--engine", str(plan), "--size", "512x1024")
@@ -154,10 +142,10 @@ def test_accuracy_of_artifacts_equals_the_export_measurement(run_dir, tmp_path):
                             "--root", str(root), "--size", "64x128", "--json", str(out))
     assert code == 0, err
     rows = {Path(r["artifact"]).name: r for r in json.loads(out.read_text())["results"]}
-    side = json.loads((run / "student.onnx.json").read_text())
+    measured = json.loads((run / "student.onnx.json").read_text())["measured"]
     # the export scored the ONNX on the same frames through its own path: the same number
-    assert rows["student.onnx"]["miou"] == pytest.approx(side["miou"], abs=1e-9)
-    assert rows["student.safetensors"]["miou"] == pytest.approx(side["pytorch_miou"], abs=2e-3)
+    assert rows["student.onnx"]["miou"] == pytest.approx(measured["miou"], abs=1e-9)
+    assert rows["student.safetensors"]["miou"] == pytest.approx(measured["pytorch_miou"], abs=2e-3)
     assert "| student.onnx | onnxruntime | fp32 | 64x128 |" in stdout
 
 
@@ -165,14 +153,14 @@ def test_bench_stage_writes_report_md_json_and_plot(run_dir):
     run, root = run_dir
     keys = [f"data.root={root}", "data.synthetic_train=6", "data.synthetic_val=4", "data.synthetic_size=64x128",
             "data.size=64x128", "bench.iterations=2", "bench.rounds=1", "bench.warmup=0", "bench.threads=1"]
-    code, stdout, err = cli("-m", "pipeline.run", "bench", "--run-dir", str(run), *keys)
+    code, stdout, err = run_cli("bench", "--run-dir", str(run), *keys)
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
     rows = {r["label"]: r for r in report["results"]}
     assert {"teacher.safetensors", "student.safetensors", "student.onnx"} <= set(rows)
     assert rows["teacher.safetensors"]["speedup_vs_teacher"] == 1.0
-    assert rows["student.onnx"]["miou"] == pytest.approx(json.loads((run / "student.onnx.json").read_text())["miou"],
-                                                         abs=1e-9)
+    measured = json.loads((run / "student.onnx.json").read_text())["measured"]
+    assert rows["student.onnx"]["miou"] == pytest.approx(measured["miou"], abs=1e-9)
     cx = report["complexity"]
     assert cx["teacher.safetensors"]["gmacs"] > cx["student.safetensors"]["gmacs"] > cx["student.onnx"]["gmacs"]
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

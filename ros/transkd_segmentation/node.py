@@ -2,7 +2,8 @@
 
 The subscription callback only puts the frame in the loop's newest-frame slot; the loop's worker thread segments
 and publishes. Statistics go out every `stats_period` seconds both as a diagnostic_msgs/DiagnosticArray on
-/diagnostics and as one log line.
+/diagnostics and as one log line. A bad parameter or artifact ends the node the way every entry point of the
+project ends (pipeline.cli.cli_main): one `error:` line and exit 2, the traceback with `--debug`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 from vision_msgs.msg import LabelInfo, VisionClass
 
-from pipeline.errors import InputError, PipelineError
+from pipeline.cli import Parser, cli_main
+from pipeline.errors import InputError
 from pipeline.infer import Segmenter
 from transkd_segmentation.params import NodeParams
 from transkd_segmentation.processing import SegmentationLoop, diagnostic_fields, label_info_fields, summary
@@ -125,22 +127,27 @@ class SegmentationNode(Node):
         self.destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node, code = None, 0
+def _spin(ros_args: list[str] | None) -> int:
+    rclpy.init(args=ros_args)
+    node = None
     try:
         node = SegmentationNode()
         rclpy.spin(node)
-    except PipelineError as e:  # a bad parameter or artifact: one line and exit 2, as the CLI does
-        get_logger("segmentation_node").fatal(str(e))
-        code = 2
     except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        pass  # Ctrl-C or the launch system stopping the node: a normal shutdown
     finally:
         if node is not None:
             node.close()
         rclpy.try_shutdown()
-    sys.exit(code)
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    """`ros2 run transkd_segmentation segmentation_node [--debug] --ros-args -p artifact:=...`."""
+    parser = Parser(prog="segmentation_node", description="ROS 2 segmentation node; parameters come as --ros-args "
+                    "-p name:=value (config/segmentation.yaml lists them)")
+    ros_args = sys.argv if args is None else args
+    sys.exit(cli_main(parser, lambda _: _spin(ros_args), remove_ros_args(ros_args)[1:]))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ from typing import Any
 
 from pipeline.config import parse_size as _parse_size
 from pipeline.errors import InputError
+from pipeline.infer import DTYPES, PROVIDERS, TORCH_MODES
 from transkd_segmentation.processing import RESOLUTIONS
 
 TRANSPORTS = ("raw", "compressed")
+# the choices Segmenter.open takes, from its registries
+CHOICES = {"provider": ("auto", *PROVIDERS), "dtype": tuple(DTYPES), "mode": TORCH_MODES,
+           "output_resolution": RESOLUTIONS, "input_transport": TRANSPORTS}
 
 
 def _param(default, text: str):
@@ -24,10 +28,10 @@ class NodeParams:
     network_size: str = _param("", "HxW network resolution for artifacts without a fixed one (checkpoints, dynamic "
                                    "ONNX); empty: the artifact's own, or the frame's size")
     device: str = _param("auto", "PyTorch device of a checkpoint (auto, cpu, cuda, cuda:N)")
-    provider: str = _param("auto", "ONNX Runtime provider (auto, cpu, cuda, tensorrt)")
+    provider: str = _param("auto", f"ONNX Runtime provider ({', '.join(CHOICES['provider'])})")
     threads: int = _param(0, "ONNX Runtime intra-op threads (0: its default)")
-    dtype: str = _param("fp32", "PyTorch autocast dtype of a checkpoint (fp32, fp16, bf16)")
-    mode: str = _param("eager", "PyTorch mode of a checkpoint (eager, compile, cudagraph)")
+    dtype: str = _param("fp32", f"PyTorch autocast dtype of a checkpoint ({', '.join(CHOICES['dtype'])})")
+    mode: str = _param("eager", f"PyTorch mode of a checkpoint ({', '.join(CHOICES['mode'])})")
     deploy: bool = _param(False, "run a checkpoint's reparameterised copy, the graph the export traces")
     warmup: bool = _param(True, "run one blank frame before subscribing, so the first camera frame is not slow")
     image_topic: str = _param("/camera/image_raw", "camera topic (sensor_msgs/Image)")
@@ -49,12 +53,9 @@ class NodeParams:
     stats_window: int = _param(300, "frames over which latency percentiles and the rate are computed")
 
     def __post_init__(self) -> None:
-        if self.output_resolution not in RESOLUTIONS:
-            raise InputError(f"parameter output_resolution {self.output_resolution!r}: expected one of "
-                             f"{', '.join(RESOLUTIONS)}")
-        if self.input_transport not in TRANSPORTS:
-            raise InputError(f"parameter input_transport {self.input_transport!r}: expected one of "
-                             f"{', '.join(TRANSPORTS)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"parameter {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if not 0.0 <= self.overlay_alpha <= 1.0:
             raise InputError(f"parameter overlay_alpha {self.overlay_alpha}: expected 0..1")
         if self.qos_depth < 1 or self.stats_window < 1 or self.stats_period < 0:
@@ -83,4 +84,4 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return _parse_size(text, "parameter network_size") if text else None
 
 
-__all__ = ["NodeParams", "TRANSPORTS", "parse_size"]
+__all__ = ["CHOICES", "NodeParams", "TRANSPORTS", "parse_size"]

@@ -6,17 +6,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from benchmarks.accuracy import score
-from benchmarks.flops import count_model, count_onnx
-from benchmarks.latency import Target, machine, prepare, results, run_interleaved
+from pipeline.artifacts import kinds, run_file
+from pipeline.config import Config, bench_size
 from pipeline.errors import InputError, PipelineError
-from pipeline.export import spread
+from pipeline.flops import count_model, count_onnx
 from pipeline.io import atomic_path, write_json
+from pipeline.timing import Target, machine, prepare, results, run_interleaved
 
 log = logging.getLogger("pipeline")
-CHECKPOINTS = ("teacher.safetensors", "student.safetensors")
-ONNX = ("student.onnx", "student.fp16.onnx", "student.int8.onnx")
-ENGINES = ("student.fp16.plan", "student.int8.plan")
+CHECKPOINTS = (run_file("checkpoint", "teacher"), run_file("checkpoint"))
+ONNX = tuple(run_file(k) for k in kinds("onnx"))
+ENGINES = tuple(run_file(k) for k in kinds("tensorrt"))
+FP32_ONNX = run_file("onnx")  # the exported graph the ONNX and engine rows are counted from (decode head folded)
 
 
 def _targets(run_dir: Path, device: str) -> list[Target]:
@@ -44,26 +45,16 @@ def _complexity(run_dir: Path, size: tuple[int, int]) -> dict:
             c = count_model(model, size)
             out[name] = {"variant": model.config.variant, "params_m": c.params / 1e6, "gmacs": c.full / 1e9,
                          "paper_gmacs": c.paper / 1e9}
-    if (run_dir / "student.onnx").is_file():  # the exported graph: its decode head is folded
-        c = count_onnx(run_dir / "student.onnx", size)
-        out["student.onnx"] = {"params_m": c.params / 1e6, "gmacs": c.full / 1e9}
+    if (run_dir / FP32_ONNX).is_file():  # the exported graph: its decode head is folded
+        c = count_onnx(run_dir / FP32_ONNX, size)
+        out[FP32_ONNX] = {"params_m": c.params / 1e6, "gmacs": c.full / 1e9}
     return out
 
 
-def bench_run(cfg, run_dir: Path, val) -> dict:
-    """Measure everything in `run_dir` and write the report; returns report.json's content."""
-    import torch
-
+def _time(cfg: Config, run_dir: Path, devices: list[str], size: tuple[int, int], skipped: dict[str, str]) -> list:
+    """Latency rows of every artifact on every device, interleaved per device; what cannot run goes to `skipped`."""
     b = cfg.bench
-    export_size = tuple(cfg.export.size) if tuple(cfg.export.size) != (0, 0) else tuple(cfg.data.size)
-    size = tuple(b.size) if tuple(b.size) != (0, 0) else export_size
-    eval_size = tuple(cfg.data.size)
-    if not any((run_dir / n).is_file() for n in CHECKPOINTS + ONNX + ENGINES):
-        raise InputError(f"{run_dir}: no teacher.safetensors, student.safetensors, student*.onnx or *.plan to bench; "
-                         "run distill and export first")
-    devices = ["cpu"] + (["cuda"] if b.cuda == "auto" and torch.cuda.is_available() else [])
     rows: list[dict] = []
-    skipped: dict[str, str] = {}
     for device in devices:
         targets = []
         for t in _targets(run_dir, device):
@@ -78,29 +69,52 @@ def bench_run(cfg, run_dir: Path, val) -> dict:
                  size[0], size[1], b.batch)
         run_interleaved(targets, ("count", b.warmup), ("count", b.iterations), b.rounds)
         rows += results(targets, b.batch, None)
+    return rows
 
+
+def _score(cfg: Config, run_dir: Path, val, timed: set[str], device: str) -> dict[str, dict]:
+    """mIoU of every timed artifact through the Segmenter, on the validation frames."""
+    from pipeline.evaluate import score, spread
     from pipeline.infer import Segmenter
 
     miou: dict[str, dict] = {}
-    frames = len(spread(len(val), b.eval_frames))
+    frames = len(spread(len(val), cfg.bench.eval_frames))
     for name in CHECKPOINTS + ONNX + ENGINES:
-        if not (run_dir / name).is_file() or not any(r["label"] == name for r in rows):
+        if not (run_dir / name).is_file() or name not in timed:
             continue
         log.info("bench: scoring %s on %d %s frames", name, frames, val.split)
         # PyTorch and dynamic graphs are scored at the resolution the run evaluates at
-        seg = Segmenter.open(run_dir / name, device=devices[-1], default_size=eval_size)
-        res = score(seg, val, b.eval_frames, progress=True)
+        seg = Segmenter.open(run_dir / name, device=device, default_size=tuple(cfg.data.size))
+        res = score(seg, val, cfg.bench.eval_frames, progress=True)
         miou[name] = {"miou": res.miou, "pixel_accuracy": res.pixel_acc}
+    return miou
 
+
+def bench_run(cfg: Config, run_dir: Path, val) -> dict:
+    """Measure everything in `run_dir` and write the report; returns report.json's content."""
+    import torch
+
+    from pipeline.evaluate import spread
+
+    b = cfg.bench
+    size = bench_size(cfg)
+    if not any((run_dir / n).is_file() for n in CHECKPOINTS + ONNX + ENGINES):
+        raise InputError(f"{run_dir}: no {', '.join(CHECKPOINTS)}, student*.onnx or *.plan to bench; run distill "
+                         "and export first")
+    devices = ["cpu"] + (["cuda"] if b.cuda == "auto" and torch.cuda.is_available() else [])
+    skipped: dict[str, str] = {}
+    rows = _time(cfg, run_dir, devices, size, skipped)
+    miou = _score(cfg, run_dir, val, {r["label"] for r in rows}, devices[-1])
     complexity = _complexity(run_dir, size)
     for r in rows:
         r["miou"] = miou.get(r["label"], {}).get("miou")
-        r["complexity"] = complexity.get(r["label"]) or (complexity.get("student.onnx") if "onnx" in r["label"]
-                                                          or r["label"].endswith(".plan") else None)
-        teacher = next((t for t in rows if t["label"] == "teacher.safetensors" and t["device"] == r["device"]), None)
+        r["complexity"] = complexity.get(r["label"]) or (complexity.get(FP32_ONNX) if r["label"] in ONNX + ENGINES
+                                                          else None)
+        teacher = next((t for t in rows if t["label"] == CHECKPOINTS[0] and t["device"] == r["device"]), None)
         r["speedup_vs_teacher"] = teacher["compute"]["p50"] / r["compute"]["p50"] if teacher else None
     report = {"run_dir": str(run_dir), "size": f"{size[0]}x{size[1]}", "batch": b.batch,
-              "dataset": {"name": val.name, "split": val.split, "frames": frames}, "machine": machine(),
+              "dataset": {"name": val.name, "split": val.split, "frames": len(spread(len(val), b.eval_frames))},
+              "machine": machine(),
               "settings": {"warmup": b.warmup, "iterations": b.iterations, "rounds": b.rounds, "threads": b.threads},
               "complexity": complexity, "results": rows, "skipped": skipped}
     write_json(run_dir / "report.json", report)
@@ -131,7 +145,7 @@ def markdown(report: dict) -> str:
             + (f"{r['speedup_vs_teacher']:.2f}x" if r.get("speedup_vs_teacher") else "-") + " |")
     if report["skipped"]:
         lines += ["", "Not timed:", *(f"- {k}: {v}" for k, v in report["skipped"].items())]
-    lines += ["", "GMACs: every multiply-accumulate at this size (benchmarks/flops.py `full`; report.json also has "
+    lines += ["", "GMACs: every multiply-accumulate at this size (pipeline/flops.py `full`; report.json also has "
               "the paper's convention for the checkpoints); the ONNX and engine rows count the exported graph, traced "
               "from the reparameterised deploy copy (decode head folded).", "",
               "![mIoU against latency](report.png)", ""]
@@ -166,3 +180,6 @@ def plot(report: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+__all__ = ["bench_run", "markdown", "plot"]
