@@ -77,8 +77,8 @@ def kinds(format: str | None = None) -> list[str]:
 
 
 def plan_kind(precision: str) -> str:
-    """The engine kind built from an ONNX of `precision` (fp32 graphs are built as FP32 engines of plan-fp16's
-    name only by an explicit output path; the run directory's engines are the FP16 and INT8 ones)."""
+    """The engine kind an ONNX of `precision` builds; there is none for fp32 (not in ARTIFACTS): the run directory's
+    engines are built from its FP16 and INT8 graphs."""
     return f"plan-{precision}"
 
 
@@ -177,7 +177,8 @@ class Metadata:
         return meta
 
 
-_ORIGINS = {list: "a list", dict: "an object", str: "a string", int: "an integer", float: "a number", bool: "true/false"}
+_ORIGINS = {list: "a list", dict: "an object", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false"}
 
 
 def _build(cls, data: dict, where: str, prefix: str):

@@ -103,7 +103,8 @@ def test_records_of_another_schema_version_kind_or_layout_are_refused():
 
 
 def test_the_table_names_every_run_directory_file():
-    assert run_file("checkpoint") == "student.safetensors" and run_file("checkpoint", "teacher") == "teacher.safetensors"
+    assert run_file("checkpoint") == "student.safetensors"
+    assert run_file("checkpoint", "teacher") == "teacher.safetensors"
     assert [run_file(k) for k in artifacts.kinds("onnx")] == ["student.onnx", "student.fp16.onnx", "student.int8.onnx"]
     assert [run_file(k) for k in artifacts.kinds("tensorrt")] == ["student.fp16.plan", "student.int8.plan"]
     for kind in ARTIFACTS.values():

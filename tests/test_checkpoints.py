@@ -221,7 +221,8 @@ def test_a_sidecar_config_with_unknown_fields_is_refused(tmp_path):
     info = json.loads(side.read_text())
     info["details"]["config"]["window"] = 7
     side.write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match=r"student\.safetensors\.json: details\.config: .*unknown field\(s\) window"):
+    with pytest.raises(CheckpointError,
+                       match=r"student\.safetensors\.json: details\.config: .*unknown field\(s\) window"):
         load_model(tmp_path / "student.safetensors")
 
 
