@@ -10,7 +10,6 @@ state, and the ratio ours / transformers of the medians is reported (below 1.0: 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 from pipeline.cli import Parser, cli_main
 from pipeline.config import parse_size
 from pipeline.errors import PipelineError
+from pipeline.io import write_json
 from pipeline.models import VARIANTS, load_model
 
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {r['variant']} | {r['ours_ms_median']:.1f} | {r['transformers_ms_median']:.1f} | "
               f"{r['ratio_ours_over_transformers']:.3f} | {r['max_abs_logit_diff']:.1e} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

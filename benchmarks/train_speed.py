@@ -11,19 +11,18 @@ state; `none` is always included as the reference.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from pipeline.cli import Parser, cli_main
 from pipeline.config import parse_size
 from pipeline.distill import METHODS, build_method
+from pipeline.io import write_json
 from pipeline.models import VARIANTS, build_model
 
 
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                "teacher": args.teacher, "student": args.student, "batch": args.batch, "size": f"{h}x{w}"}
-        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

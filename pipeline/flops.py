@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.errors import InputError
 from pipeline.models import VARIANTS, build_model, load_model
 from pipeline.models.mit import EfficientSelfAttention
+from pipeline.onnxinfo import graph_inputs
 
 
 @dataclass
@@ -90,10 +91,10 @@ def count_onnx(path: Path, size: tuple[int, int]) -> MacCount:
     except Exception as e:  # onnx raises DecodeError and friends for a damaged file
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     inits = {i.name: i for i in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(graph_inputs) != 1 or len(graph_inputs[0].type.tensor_type.shape.dim) != 4:
-        raise InputError(f"{path}: expected one 4-D image input, found {[i.name for i in graph_inputs]}")
-    dims = graph_inputs[0].type.tensor_type.shape.dim
+    inputs = graph_inputs(model)
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        raise InputError(f"{path}: expected one 4-D image input, found {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
     channels_first = dims[1].HasField("dim_value") and dims[1].dim_value == 3
     shape = (1, 3, *size) if channels_first else (1, *size, 3)
     for d, v in zip(dims, shape):

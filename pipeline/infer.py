@@ -364,7 +364,7 @@ class Segmenter:
 def onnx_record(path: Path) -> Metadata:
     """The record an exported graph carries (artifacts.read_onnx), checked against the graph it sits in: one input
     and one output, and the input shape the record's contract describes."""
-    from trt.build import inspect_onnx
+    from pipeline.onnxinfo import inspect_onnx
 
     info = inspect_onnx(path)
     if len(info.inputs) != 1 or len(info.outputs) != 1:

@@ -23,6 +23,7 @@ from pipeline.config import check_choice
 from pipeline.errors import ExportError
 from pipeline.infer import ort_session
 from pipeline.io import atomic_path
+from pipeline.onnxinfo import graph_inputs
 
 log = logging.getLogger("pipeline")
 
@@ -100,8 +101,7 @@ def _graph_input(model, src: Path) -> tuple[str, np.dtype, tuple[int | None, ...
     """(name, dtype, dims with None for symbolic) of the graph's single input."""
     import onnx
 
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs = graph_inputs(model)
     if len(inputs) != 1:
         raise ExportError(f"{src}: expected one graph input, found {len(inputs)}")
     t = inputs[0].type.tensor_type

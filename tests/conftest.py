@@ -3,7 +3,9 @@ runner for the command-line entry points in a child process."""
 
 from __future__ import annotations
 
+import ast
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -83,3 +85,25 @@ def start_cli(*args: str, cwd: Path | str = ROOT, module: str = "pipeline.run", 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on, for a test's own gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a Python file imports, by its dotted name (relative imports as their module part)."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names

@@ -1,17 +1,15 @@
 """Configuration and the command line: defaults, YAML, key=value overrides, one-line errors, the stage registry's
 flags, and the package's entry points."""
 
-import ast
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 
 from pipeline import config
 from pipeline.errors import ConfigError
 from pipeline.stages import STAGES, stage_flags
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, imported_modules, run_cli
 
 
 def test_overrides_are_typed():
@@ -172,19 +170,9 @@ def test_the_package_declares_its_console_scripts_and_packages():
     assert torch_lines == ["torch==2.13.0"]
 
 
-def _imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-    return names
-
-
 def test_pipeline_does_not_import_benchmarks_and_scripts_do_not_edit_sys_path():
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
-        assert not {m for m in _imported_modules(path) if m.split(".")[0] == "benchmarks"}, path
+        assert not {m for m in imported_modules(path) if m.split(".")[0] == "benchmarks"}, path
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         assert "sys.path" not in path.read_text(), path
 

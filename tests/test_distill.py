@@ -11,12 +11,9 @@ from pipeline.distill.csf import CrossSelectiveFusion, hcl_loss
 from pipeline.distill.losses import ce_loss, cwd_loss, kd_loss
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, save_model
+from tests.conftest import n_params
 
 DISTILLING = [m for m in METHODS if m != "none"]
-
-
-def n_params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def batch(b=2, h=64, w=96, classes=19, seed=0):

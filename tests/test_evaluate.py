@@ -3,7 +3,6 @@ checked against the official cityscapesscripts evaluator."""
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,7 @@ from pipeline.evaluate import ConfusionMatrix, evaluate, score, spread, write_ci
 from pipeline.infer import Segmenter, TorchBackend
 from pipeline.models import build_model
 from pipeline.models.checkpoints import checkpoint_metadata
-from tests.conftest import spread_student
+from tests.conftest import free_port, spread_student
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +130,8 @@ def _shard_worker(rank: int, world: int, port: int, root: str, out: str) -> None
 
 
 def test_shards_of_two_gloo_processes_sum_to_the_whole_split(tmp_path, data):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "cm.pt"
-    mp.spawn(_shard_worker, args=(2, port, str(data), str(out)), nprocs=2, join=True)
+    mp.spawn(_shard_worker, args=(2, free_port(), str(data), str(out)), nprocs=2, join=True)
     val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
     whole = evaluate(spread_student(seed=1), DataLoader(val, batch_size=1), num_classes=19, progress=False)
     assert torch.equal(torch.load(out), torch.tensor(whole.confusion))

@@ -5,11 +5,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.models import VARIANTS, SegFormerConfig, build_model
-from tests.conftest import max_diff
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+from tests.conftest import max_diff, n_params
 
 
 def test_parameter_anchors_of_the_reference_pair():

@@ -9,7 +9,6 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import fields
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,7 +24,7 @@ from pipeline.errors import InputError  # noqa: E402
 from pipeline.export import export_student  # noqa: E402
 from pipeline.infer import Segmenter  # noqa: E402
 from pipeline.models import save_model  # noqa: E402
-from tests.conftest import ROOT, splits, spread_student  # noqa: E402
+from tests.conftest import ROOT, imported_modules, splits, spread_student  # noqa: E402
 
 PKG = ROOT / "ros"
 sys.path.append(str(PKG))
@@ -408,16 +407,6 @@ def test_node_params(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the package
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-    return names
-
-
 def test_node_compiles_and_imports_only_ros_and_our_code(tmp_path):
     node = PKG / "transkd_segmentation" / "node.py"
     for path in (node, PKG / "launch" / "segmentation.launch.py", PKG / "setup.py"):
@@ -425,11 +414,11 @@ def test_node_compiles_and_imports_only_ros_and_our_code(tmp_path):
     ros = ("rclpy", "sensor_msgs", "std_msgs", "vision_msgs", "diagnostic_msgs", "rcl_interfaces")
     ours = ("transkd_segmentation", "pipeline")
     stdlib = {"__future__", "array", "sys", "dataclasses"}
-    foreign = {m for m in _imports(node) if m.split(".")[0] not in ros + ours and m not in stdlib}
+    foreign = {m for m in imported_modules(node) if m.split(".")[0] not in ros + ours and m not in stdlib}
     assert not foreign, f"node.py imports {foreign}"
     # the processing loop and the parameters stay free of ROS
     for name in ("processing.py", "params.py"):
-        found = {m for m in _imports(PKG / "transkd_segmentation" / name) if m.split(".")[0] in ros}
+        found = {m for m in imported_modules(PKG / "transkd_segmentation" / name) if m.split(".")[0] in ros}
         assert not found, f"{name} imports {found}"
 
 

@@ -4,7 +4,6 @@ and the CLI chains teacher -> distill in one run directory."""
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline import config as config_mod
 from pipeline.artifacts import read_sidecar
 from pipeline.models import build_model
-from tests.conftest import run_cli, start_cli
+from tests.conftest import free_port, run_cli, start_cli
 
 TINY = ["data.synthetic_train=12", "data.synthetic_val=4", "data.synthetic_size=64x128", "data.size=64x96",
         "teacher.variant=mit_b0", "student.variant=mit_b0", "train.warmup_steps=2", "train.log_every=1"]
@@ -50,16 +49,10 @@ def _train_worker(rank: int, world: int, port: int, root: str, run_dir: str, acc
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, synthetic):
     root, ddp, single = str(synthetic(*DATA)), tmp_path / "ddp.pt", tmp_path / "single.pt"
-    mp.spawn(_train_worker, args=(2, _free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
-    mp.spawn(_train_worker, args=(1, _free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
+    mp.spawn(_train_worker, args=(2, free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
+    mp.spawn(_train_worker, args=(1, free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
     a, b = torch.load(ddp), torch.load(single)
     torch.manual_seed(0)  # the workers' initial weights, rebuilt: teacher first, then the student
     build_model("mit_b0")

@@ -18,18 +18,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.artifacts import Metadata, read_sidecar, sidecar_path, write_sidecar
 from pipeline.errors import ExportError, InputError
+from pipeline.onnxinfo import OnnxInfo, Tensor, inspect_onnx, onnx_precision, parse_shapes
 from tests.conftest import ROOT, run_cli
 from tests.test_artifacts import golden
 from tests.test_artifacts import shape as key_tree
 from trt.build import (
     BuildOptions,
-    OnnxInfo,
-    Tensor,
     build_engine,
     engine_record,
-    inspect_onnx,
-    onnx_precision,
-    parse_shapes,
     resolve_profile,
     tensorrt_unavailable,
     timing_cache_path,

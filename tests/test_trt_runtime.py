@@ -14,8 +14,9 @@ import pytest
 from pipeline.artifacts import Metadata, read_sidecar, sidecar_path, write_sidecar
 from pipeline.errors import ExportError, InputError
 from pipeline.io import sha256_file
+from pipeline.onnxinfo import OnnxInfo, Tensor
 from tests.test_trt_build import _no_tensorrt, exported, graph, save
-from trt.build import BuildOptions, OnnxInfo, Tensor, build_engine, engine_record, tensorrt_unavailable
+from trt.build import BuildOptions, build_engine, engine_record, tensorrt_unavailable
 from trt.runtime import (
     TrtRunner,
     check_shape,

@@ -19,104 +19,15 @@ from pipeline.artifacts import ARTIFACTS, Metadata, sidecar_path
 from pipeline.cli import Parser, cli_main
 from pipeline.errors import ExportError, InputError
 from pipeline.io import atomic_path, sha256_file
+from pipeline.onnxinfo import OnnxInfo, Shape, Tensor, fmt, inspect_onnx, parse_shapes
 
 if TYPE_CHECKING:
-    import onnx
     import tensorrt
 
 log = logging.getLogger("pipeline")
 
-Shape = tuple[int, ...]
 NOT_INSTALLED = "TensorRT is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same": "SAME_COMPUTE_CAPABILITY"}
-_SHAPE = re.compile(r"(.+):(\d+(?:x\d+)*)")  # greedy name: tensor names may contain ':' ("input:0")
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str  # numpy name: float32, float16, uint8, int32 ...
-    shape: tuple[int | str, ...]  # a str is a dynamic dim (its ONNX dim_param, or "?")
-
-    @property
-    def dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.shape)
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    inputs: list[Tensor]
-    outputs: list[Tensor]
-    precision: str
-    opset: int
-    metadata: dict[str, str]
-
-
-def fmt(shape: Sequence[int | str]) -> str:
-    """trtexec's 1x3x512x1024; a dynamic dim shows as its name in brackets: <batch>x3x<height>x<width>."""
-    return "x".join(str(d) if isinstance(d, int) else f"<{d}>" for d in shape)
-
-
-def parse_shapes(text: str | None) -> dict[str, Shape]:
-    """trtexec syntax: `image:1x3x512x1024` or several comma separated; None or "" -> {}."""
-    shapes: dict[str, Shape] = {}
-    for item in text.split(",") if text else []:
-        m = _SHAPE.fullmatch(item.strip())
-        if not m:
-            raise InputError(f"shape {item.strip()!r}: expected name:DxDx... such as image:1x3x512x1024")
-        name, dims = m[1], tuple(int(d) for d in m[2].split("x"))
-        if min(dims) < 1 or name in shapes:
-            raise InputError(f"shape {item.strip()!r}: " + ("dims must be >= 1" if min(dims) < 1 else "given twice"))
-        shapes[name] = dims
-    return shapes
-
-
-def onnx_precision(model: onnx.ModelProto) -> str:
-    """"int8" for a Q/DQ graph, "fp16" when any tensor is float16 (weights, casts, I/O), else "fp32"."""
-    from onnx import TensorProto
-
-    g, f16 = model.graph, TensorProto.FLOAT16
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
-        return "int8"
-    typed = [*g.input, *g.output, *g.value_info]
-    if (any(t.data_type == f16 for t in g.initializer) or any(v.type.tensor_type.elem_type == f16 for v in typed)
-            or any(a.name == "to" and a.i == f16 for n in g.node if n.op_type == "Cast" for a in n.attribute)
-            or any(a.t.data_type == f16 for n in g.node if n.op_type == "Constant" for a in n.attribute)):
-        return "fp16"
-    return "fp32"
-
-
-def _tensor(v: onnx.ValueInfoProto) -> Tensor:
-    from onnx import helper
-
-    t = v.type.tensor_type
-    try:
-        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
-    except (KeyError, TypeError):  # a type numpy has no name for: keep ONNX's own
-        dtype = helper.tensor_dtype_to_string(t.elem_type)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
-    return Tensor(v.name, dtype, dims)
-
-
-def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
-    """Inputs, outputs, precision and metadata of an ONNX file; external weights are not loaded."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError, or onnx's own errors: say which file, in one line
-        raise InputError(f"{path}: not an ONNX model ({(str(e) or type(e).__name__).splitlines()[0]})") from None
-    # protobuf decodes some arbitrary bytes without complaint: a real model has an IR version and nodes
-    if model.ir_version == 0 or not model.graph.node:
-        raise InputError(f"{path}: not an ONNX model (no IR version or no graph nodes)")
-    weights = {i.name for i in model.graph.initializer}  # old exporters list initializers among the inputs
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return OnnxInfo([_tensor(v) for v in model.graph.input if v.name not in weights],
-                    [_tensor(v) for v in model.graph.output], onnx_precision(model), opset,
-                    {p.key: p.value for p in model.metadata_props})
 
 
 def resolve_profile(inputs: Sequence[Tensor], min_shapes: Mapping[str, Sequence[int]] | None = None,

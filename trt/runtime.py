@@ -16,7 +16,8 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.artifacts import Metadata, sidecar_path
 from pipeline.errors import ExportError, InputError
-from trt.build import fmt, tensorrt_unavailable, trt_logger
+from pipeline.onnxinfo import fmt
+from trt.build import tensorrt_unavailable, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt
