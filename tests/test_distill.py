@@ -36,7 +36,7 @@ def b2_b0():
 
 
 def test_parameter_anchors_b2_to_b0(b2_b0):
-    # ../shared/TRANSKD.md section 6: student + train-only modules, teacher MiT-B2 -> student MiT-B0, 19 classes
+    # docs/method.md section 6: student + train-only modules, teacher MiT-B2 -> student MiT-B0, 19 classes
     teacher, student = b2_b0
     expected = {"none": 3.72, "kd": 3.72, "cwd": 3.72, "review": 4.37, "transkd-base": 4.56, "transkd-gl": 5.22,
                 "transkd-ea": 5.53}

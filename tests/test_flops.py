@@ -18,7 +18,7 @@ from pipeline.models import build_model, save_model
 def test_paper_convention_matches_the_transkd_table(variant, gmacs):
     c = flops.count_model(build_model(variant), (512, 1024))
     assert c.paper / 1e9 == pytest.approx(gmacs, rel=0.01)
-    # ../shared/TRANSKD.md: the attention matmuls add about 4.2 G (B0) and 15.6 G (B2)
+    # docs/method.md: the attention matmuls add about 4.2 G (B0) and 15.6 G (B2)
     assert c.attention / 1e9 == pytest.approx({"mit_b0": 4.2, "mit_b2": 15.6}[variant], rel=0.03)
 
 

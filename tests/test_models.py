@@ -9,7 +9,7 @@ from tests.conftest import max_diff, n_params
 
 
 def test_parameter_anchors_of_the_reference_pair():
-    # ../shared/TRANSKD.md: B0 3,719,027 and B2 27.36 M parameters with 19 classes
+    # docs/method.md: B0 3,719,027 and B2 27.36 M parameters with 19 classes
     assert n_params(build_model("mit_b0", num_classes=19)) == 3_719_027
     assert round(n_params(build_model("mit_b2", num_classes=19)) / 1e6, 2) == 27.36
 

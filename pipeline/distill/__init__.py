@@ -1,4 +1,4 @@
-"""TransKD distillation methods and baselines (see ../shared/TRANSKD.md): `build_method(name, teacher, student)`."""
+"""TransKD distillation methods and baselines (see docs/method.md): `build_method(name, teacher, student)`."""
 
 from pipeline.distill.methods import METHODS, DistillMethod, MethodSpec, build_method
 

@@ -11,7 +11,7 @@ class SelectiveFusion(nn.Module):
     """One CSF unit: reduce a student map to `mid` channels, fuse it with the deeper unit's residual through
     two softmax-normalised channel attentions, and project the result to the teacher's width.
 
-    ../shared/TRANSKD.md section 2. The attention squeezes GAP(x + r) to L = max(mid / 16, 32) channels with
+    docs/method.md section 2. The attention squeezes GAP(x + r) to L = max(mid / 16, 32) channels with
     conv + BN + ReLU; with one sample BatchNorm cannot normalise a 1 x 1 map, so the reference switches to a
     separate BN-free conv for batch 1. We keep that behaviour and its parameters (they are in the anchors).
     """

@@ -23,7 +23,7 @@ class PatchEmbedAlign(nn.Module):
 class GlobalLocalMixer(nn.Module):
     """GL-Mixer on one stage's student tokens: alpha * multi-head self-attention + beta * gated 1D conv.
 
-    ../shared/TRANSKD.md section 4. The reference leaves alpha and beta uninitialised (whatever memory held);
+    docs/method.md section 4. The reference leaves alpha and beta uninitialised (whatever memory held);
     we start both at 1.0. No residual, as in the reference's default.
     """
 

@@ -22,7 +22,7 @@ from pipeline.models.segformer import SegFormer, Taps
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the table: the loss terms with their default weights, the train-only modules it attaches,
-    and its other hyper-parameters. Defaults are the TransKD reference's (../shared/TRANSKD.md)."""
+    and its other hyper-parameters. Defaults are the TransKD reference's (docs/method.md)."""
 
     summary: str
     weights: dict[str, float]

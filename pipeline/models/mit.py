@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.errors import InputError
 
 # variant: (stage widths C1..C4, blocks per stage, attention heads, decoder width D)
-# Xie et al., SegFormer (2021), Table 6; ../shared/TRANSKD.md section 1.
+# Xie et al., SegFormer (2021), Table 6; docs/method.md section 1.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]] = {
     "mit_b0": ((32, 64, 160, 256), (2, 2, 2, 2), (1, 2, 5, 8), 256),
     "mit_b1": ((64, 128, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), 256),
