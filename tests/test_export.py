@@ -15,6 +15,7 @@ from pipeline.evaluate import evaluate, predict
 from pipeline.export import export_student
 from pipeline.infer import ort_session
 from tests.conftest import run_cli, splits
+from tests.test_artifacts import golden, shape
 
 SIZE = (64, 128)
 
@@ -65,6 +66,7 @@ def test_float_logits_graph_matches_pytorch_and_carries_its_contract(tmp_path, d
     # one record: the sidecar is the graph's own record plus the file's hash and the measurements
     record = artifacts.read_sidecar(tmp_path / "student.onnx", verify=True)
     assert {**record.to_dict(), "measured": {}, "file": "", "sha256": "", "bytes": 0} == meta.to_dict()
+    assert shape(side) == shape(golden("onnx"))  # the schema tests/golden/onnx.json pins
     # scored like the PyTorch evaluator: the val images are already 64x128, so the numbers agree
     torch_miou = evaluate(student, torch.utils.data.DataLoader(build_dataset(
         "synthetic", val.root, "val", EvalTransform(size=SIZE))), num_classes=19, progress=False).miou
