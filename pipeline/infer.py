@@ -209,7 +209,7 @@ class TrtBackend:
         return self.runner.infer(x)
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {self.runner.output_name: np.array(self.run(x))}  # a copy: run returns the runner's pinned buffer
+        return {self.runner.output_name: self.run(x)}  # TrtRunner.infer returns a new array
 
     def sync(self) -> None:
         pass  # infer synchronises its stream
@@ -249,9 +249,9 @@ class Segmenter:
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such artifact")
-        if path.suffix in ENGINE_SUFFIXES:  # the record first: a missing or foreign one is refused before loading
-            meta = artifacts.read_sidecar(path)
-            return cls(TrtBackend(path), meta, path, size, default_size)
+        if path.suffix in ENGINE_SUFFIXES:  # TrtRunner reads and checks the record before TensorRT reads the plan
+            backend = TrtBackend(path)
+            return cls(backend, backend.runner.meta, path, size, default_size)
         if path.suffix == ".onnx":
             meta = onnx_record(path)
             return cls(OrtBackend(path, provider, threads), meta, path, size, default_size)
