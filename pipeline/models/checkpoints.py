@@ -306,17 +306,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
     hf = extra.get("hf_config", {})
     side_config = extra["sidecar"].details["config"] if "sidecar" in extra else None
     table = variant_of(dims, depths)
-    if side_config:
-        heads = tuple(side_config["heads"])
-    elif hf.get("num_attention_heads"):
-        heads = tuple(hf["num_attention_heads"])
-    elif table:
-        heads = VARIANTS[table][2]
-    else:
-        raise CheckpointError(
-            f"{path}: widths {dims} / depths {depths} are not a MiT-B0..B5 layout and the file does not say "
-            "its attention heads; convert it with a config that names them"
-        )
+    heads = _heads(side_config or hf, table, dims, depths, path)
     if has_head:
         decoder_dim, ckpt_classes = state[fuse_key].shape[0], state[cls_key].shape[0]
     else:
@@ -339,6 +329,17 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
     if num_classes is not None and num_classes != cfg.num_classes:
         cfg = SegFormerConfig(**{**asdict(cfg), "num_classes": num_classes})
     return cfg, has_head
+
+
+def _heads(config: dict, table: str | None, dims: list[int], depths: list[int], path: Path) -> tuple[int, ...]:
+    """Attention heads per stage: weights do not show them, so from the file's own config (our sidecar's `heads`,
+    Hugging Face's `num_attention_heads`) or the MiT table of the layout."""
+    if config.get("heads") or config.get("num_attention_heads"):
+        return tuple(config.get("heads") or config["num_attention_heads"])
+    if table:
+        return VARIANTS[table][2]
+    raise CheckpointError(f"{path}: widths {dims} / depths {depths} are not a MiT-B0..B5 layout and the file does not "
+                          "say its attention heads; convert it with a config that names them")
 
 
 def _infer_meta(cfg: SegFormerConfig, extra: dict, source: str) -> ModelMeta:
