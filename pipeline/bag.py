@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline import rosmsg
 from pipeline.errors import InputError
+from pipeline.preflight import writable_folder
 
 log = logging.getLogger("pipeline")
 IMAGE_TYPES = (rosmsg.IMAGE, rosmsg.COMPRESSED_IMAGE)
@@ -71,14 +72,33 @@ def _add_connection(writer, reader, conn, topic: str | None = None, msgtype: str
     return writer.add_connection(topic or conn.topic, msgtype or conn.msgtype, **kwargs)
 
 
+def default_out(bag: Path, run_dir: Path) -> Path:
+    """Where the segmented bag goes without --out: `<run dir>/<input name>.segmented[.bag]`."""
+    return run_dir / (bag.name.removesuffix(".bag") + ".segmented" + (".bag" if bag.suffix == ".bag" else ""))
+
+
+def check_outputs(out: Path, video: Path | None) -> None:
+    """Refuse an output bag or video that cannot be written, before a frame is segmented: an existing `out`, a
+    regular file or a read-only folder on its way, a video in a missing folder."""
+    if out.exists() or out.is_symlink():
+        raise InputError(f"{out}: already exists; choose another --out or remove it")
+    writable_folder(out.parent, "--out")  # the staging folder beside `out` is made with its parents
+    if video is not None:
+        if video.is_dir():
+            raise InputError(f"--video {video}: a folder; give the mp4 file's name")
+        if not video.parent.exists():
+            raise InputError(f"--video {video}: folder {video.parent} does not exist; create it or choose another "
+                             "--video")
+        writable_folder(video.parent, "--video")
+
+
 def segment_bag(bag: Path, topic: str, seg, out: Path, video: Path | None = None, overlay: bool = True,
                 mask_topic: str = MASK_TOPIC, overlay_topic: str = OVERLAY_TOPIC, fps: float = 0.0,
                 progress: bool = True) -> dict:
     """Segment `topic` of `bag` into a new bag `out` (and `video`); returns the summary. Nothing is left at `out` or
     `video` when it fails."""
     bag, out = Path(bag), Path(out)
-    if out.exists():
-        raise InputError(f"{out}: already exists; choose another --out or remove it")
+    check_outputs(out, Path(video) if video else None)
     reader = _open_reader(bag)
     try:
         conns = [c for c in reader.connections if c.topic == topic]

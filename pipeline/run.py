@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from pipeline import config as config_mod
+from pipeline import preflight
 from pipeline.cli import Parser, cli_main
 from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError
@@ -70,32 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _write_config(run_dir: Path, cfg: Config, training: bool) -> None:
-    """config.yaml, the resolved config, written before anything else happens. An existing run directory keeps
-    its config: training there with other values of keys that change results is refused before anything is
-    touched; other changes (workers, logging, or an eval-only call) archive the old file as config.<time>.yaml."""
-    from pipeline.train import RESUMABLE_KEYS
-
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    """config.yaml, the resolved config, written before anything else happens (preflight.check has refused a
+    training run whose directory was made with other values of keys that change results). Another config in an
+    existing run directory (workers, logging, an eval-only call) is archived as config.<time>.yaml."""
     path = run_dir / "config.yaml"
     text = config_mod.dump(cfg)
-    if path.is_file():
-        old_text = path.read_text()
-        if old_text == text:
-            return
-        try:
-            old = config_mod.flatten(yaml.safe_load(old_text) or {})
-        except yaml.YAMLError:
-            old = {}
-        new = config_mod.flatten(yaml.safe_load(text))
-        # export.* and bench.* only shape artifacts made from the trained models, never the training itself
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS
-                        and not k.startswith(("export.", "bench.")))
-        if training and cfg.train.resume == "auto" and differ:
-            shown = ", ".join(differ[:6]) + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
-            raise ConfigError(f"{path}: this run directory was made with other values of {shown}; use another "
-                              "--run-dir, the same values, or train.resume=never to start over")
-        os.replace(path, run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     try:
+        if path.is_file():
+            if path.read_text() == text:
+                return
+            os.replace(path, run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(text)
@@ -136,13 +120,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown stage {s!r}; expected one of {', '.join(STAGES)}{hint}")
     _stage_flags(args, stages)
     cfg = config_mod.load(args.config, overrides)
+    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    preflight.check(cfg, stages, args, run_dir)  # every stage's config, files and outputs, before any work
 
-    from pipeline.train import init_distributed  # torch is imported only once the command line is valid
+    from pipeline.train import init_distributed
 
     env = init_distributed(cfg.train.device)
-    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if env.main:
-        _write_config(run_dir, cfg, training=any(STAGES[s].trains for s in stages))
+        _write_config(run_dir, cfg)
     env.barrier()
     setup_logging(run_dir, env.main, args.debug)
     log.info("run directory %s (config.yaml written), device %s, %d process(es)", run_dir, env.device, env.world)

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import ARTIFACTS, INPUT_NAME, kinds, run_file
-from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC
+from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC, default_out
 from pipeline.config import Config, ModelConfig, export_size
 from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.io import atomic_path, write_json
+from pipeline.preflight import check_variant
 
 if TYPE_CHECKING:
     from pipeline.models.segformer import SegFormer
@@ -57,10 +58,10 @@ def datasets(cfg: Config, run_dir: Path, env: DistEnv):
     return train, val
 
 
-def new_model(spec: ModelConfig, train_set, size, seed: int) -> SegFormer:
-    """A model for the dataset's label set: from spec.checkpoint (fine-tune), spec.pretrained (backbone) or
-    scratch (initialised from `seed`, so every process and every rerun starts from the same weights); its meta
-    (classes, palette, input size) comes from the dataset."""
+def new_model(role: str, spec: ModelConfig, train_set, size, seed: int) -> SegFormer:
+    """The `role` model (teacher, student) for the dataset's label set: from spec.checkpoint (fine-tune),
+    spec.pretrained (backbone) or scratch (initialised from `seed`, so every process and every rerun starts from the
+    same weights), always of spec.variant; its meta (classes, palette, input size) comes from the dataset."""
     from pipeline.models import build_model, load_model
     from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
     from pipeline.train import seed_everything
@@ -75,9 +76,8 @@ def new_model(spec: ModelConfig, train_set, size, seed: int) -> SegFormer:
         model = load_model(spec.pretrained, strict=False, num_classes=train_set.num_classes)
     else:
         model = build_model(spec.variant, num_classes=train_set.num_classes)
-    if model.config.variant != spec.variant and not spec.checkpoint:
-        raise ConfigError(f"{spec.pretrained}: a {model.config.variant} backbone, but the variant asked for is "
-                          f"{spec.variant}")
+    key = f"{role}.checkpoint" if spec.checkpoint else f"{role}.pretrained"
+    check_variant(key, spec.checkpoint or spec.pretrained, model.config.variant, spec.variant)
     model.meta = ModelMeta(list(train_set.classes), [list(c) for c in train_set.palette], IMAGENET_MEAN,
                            IMAGENET_STD, tuple(size), model.meta.source)
     return model
@@ -89,7 +89,7 @@ def run_teacher(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     from pipeline.train import Trainer, derived_seed
 
     train, val = datasets(cfg, run_dir, env)
-    teacher = new_model(cfg.teacher, train, cfg.data.size, derived_seed(cfg.seed, "teacher", "init"))
+    teacher = new_model("teacher", cfg.teacher, train, cfg.data.size, derived_seed(cfg.seed, "teacher", "init"))
     method = build_method("none", None, teacher)
     summary = Trainer("teacher", cfg, run_dir, teacher, method, train, val, env).fit()
     return {**summary, "skipped_samples": _skipped(run_dir)}
@@ -113,7 +113,7 @@ def run_distill(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     if teacher.config.num_classes != train.num_classes:
         raise ConfigError(f"{teacher_path}: the teacher predicts {teacher.config.num_classes} classes, the dataset "
                           f"{train.name} has {train.num_classes}")
-    student = new_model(cfg.student, train, cfg.data.size, derived_seed(cfg.seed, "student", "init"))
+    student = new_model("student", cfg.student, train, cfg.data.size, derived_seed(cfg.seed, "student", "init"))
     seed_everything(derived_seed(cfg.seed, "modules", "init"))  # the method's train-only modules
     method = build_method(cfg.distill.method, teacher, student, **cfg.distill.weights)
     log.info("distilling %s -> %s with %s (%d train-only parameters)", teacher.config.variant,
@@ -173,9 +173,7 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
 
     if not env.main:
         return {}  # one process exports; the others (under torchrun) have nothing to do
-    path = Path(getattr(args, "checkpoint", None) or run_dir / STUDENT)
-    if not path.exists():
-        raise InputError(f"{path}: no student to export; run the distill stage first or pass --checkpoint")
+    path = Path(getattr(args, "checkpoint", None) or run_dir / STUDENT)  # checked by preflight.check_student
     model = load_model(path)
     train, val = datasets(cfg, run_dir, env)
     if model.config.num_classes != val.num_classes:
@@ -283,14 +281,9 @@ def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict
     from pipeline.bag import segment_bag
     from pipeline.infer import Segmenter
 
-    if not getattr(args, "bag", None) or not getattr(args, "topic", None):
-        raise InputError("segment-bag: give --bag IN and --topic /camera/... (and --artifact, --out)")
-    bag = Path(args.bag)
+    bag = Path(args.bag)  # --bag, --topic, --artifact, --out and --video: checked by preflight.check_segment_bag
     artifact = Path(args.artifact or run_dir / run_file("onnx"))
-    if not artifact.exists():
-        raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
-    out = Path(args.out or run_dir / (bag.name.removesuffix(".bag") + ".segmented" + (".bag" if bag.suffix == ".bag"
-                                                                                        else "")))
+    out = Path(args.out) if args.out else default_out(bag, run_dir)
     # PyTorch and dynamic graphs run at the resolution the run evaluates at
     seg = Segmenter.open(artifact, default_size=tuple(cfg.data.size))
     summary = segment_bag(bag, args.topic, seg, out, Path(args.video) if args.video else None,
@@ -338,6 +331,7 @@ class Stage:
     flags: tuple[Flag, ...] = ()
     rows: Callable[[dict], list[Row]] = lambda result: []  # what the stage wrote, for the list printed at the end
     trains: bool = False  # an existing run directory refuses other values of the keys that change training
+    reads_data: bool = False  # reads data.root (the synthetic set is generated there)
 
 
 CHECKPOINT = Flag("--checkpoint", f"the checkpoint to use (anything load_model loads; default the run's {STUDENT})",
@@ -358,18 +352,19 @@ BAG_FLAGS = (
 )
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("teacher", run_teacher, "train the teacher on the dataset (from scratch, teacher.pretrained or "
-          "teacher.checkpoint)", rows=_training_rows, trains=True),
+          "teacher.checkpoint)", rows=_training_rows, trains=True, reads_data=True),
     Stage("distill", run_distill, "distil the student from the teacher (trains the teacher first when there is none)",
-          rows=_training_rows, trains=True),
+          rows=_training_rows, trains=True, reads_data=True),
     Stage("eval", run_eval, f"mIoU of a checkpoint (--checkpoint, default the run's {STUDENT}) on the validation "
-          "split", (CHECKPOINT, *EVAL_FLAGS), _eval_rows),
+          "split", (CHECKPOINT, *EVAL_FLAGS), _eval_rows, reads_data=True),
     Stage("export", run_export, f"{run_file('onnx')} (parity-checked), "
           f"{', '.join(run_file(k) for k in kinds('onnx')[1:])} + sidecars and export.md; TensorRT plans where "
-          "TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)", (CHECKPOINT,), _export_rows),
+          "TensorRT and a GPU exist (--checkpoint X exports any loadable checkpoint)", (CHECKPOINT,), _export_rows,
+          reads_data=True),
     Stage("trt-build", run_trt_build, "TensorRT engines from the run's ONNX files (fails when TensorRT or a GPU is "
           "missing)", rows=_engine_rows),
     Stage("bench", run_bench, "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, "
-          "report.png", rows=_bench_rows),
+          "report.png", rows=_bench_rows, reads_data=True),
     Stage("segment-bag", run_segment_bag, "segment --topic of a ROS 1 / ROS 2 bag (--bag) with --artifact into a new "
           "bag (--out) holding the original messages plus mask and overlay topics; --video adds an mp4 of the "
           "overlays", BAG_FLAGS, _bag_rows),

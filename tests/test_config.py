@@ -126,19 +126,6 @@ def test_flags_belong_to_their_stages():
     assert not STAGES["distill"].flags and not STAGES["bench"].flags
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["distill", "--bag", "x.bag"], "--bag belongs to segment-bag, which is not among the stages asked (distill)"),
-    (["teacher", "distill", "--checkpoint", "x.safetensors"],
-     "--checkpoint belongs to eval and export, which are not among the stages asked (teacher, distill)"),
-    (["export", "--fps", "5"], "--fps belongs to segment-bag, which is not among the stages asked (export)"),
-])
-def test_a_flag_of_a_stage_not_asked_is_refused_before_any_work(tmp_path, argv, message):
-    run = tmp_path / "run"
-    code, out, err = run_cli(*argv, "--run-dir", str(run), cwd=tmp_path)
-    assert code == 2 and err == f"error: {message}\n" and not out
-    assert not run.exists() and not (tmp_path / "runs").exists()  # no config.yaml, nothing at all
-
-
 def test_debug_shows_the_traceback(tmp_path):
     args = ("distill", "train.stepz=3", "--run-dir", str(tmp_path / "run"))
     code, _, err = run_cli(*args)

@@ -144,11 +144,28 @@ class DistillMethod:
         return total
 
 
-def build_method(name: str, teacher: SegFormer | None, student: SegFormer, **overrides) -> DistillMethod:
-    """Build a method of the table for a teacher/student pair; `overrides` set loss weights (by term name)
-    or options (temperature, tau, cwd_on, csf_mid, pea_stage_weights, gl_heads, class_weights).
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method of the table resolved for a teacher/student pair of architectures: every weight and option
+    settled and checked, and the train-only modules to build. No tensor is made."""
 
-    Every inconsistency is a ConfigError here, before any training starts.
+    name: str
+    weights: dict[str, float]
+    options: dict[str, object]
+    modules: tuple[str, ...]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term != "ce" and w > 0 for term, w in self.weights.items())
+
+
+def resolve_method(name: str, teacher: SegFormerConfig | None, student: SegFormerConfig,
+                   **overrides) -> ResolvedMethod:
+    """Settle a method of the table for a teacher/student pair of configs; `overrides` set loss weights (by term
+    name) or options (temperature, tau, cwd_on, csf_mid, pea_stage_weights, gl_heads, class_weights).
+
+    Every inconsistency is a ConfigError here, from the configs alone: the CLI checks a run with it before any data
+    is made or model built, and build_method with the same call.
     """
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=2)
@@ -163,10 +180,11 @@ def build_method(name: str, teacher: SegFormer | None, student: SegFormer, **ove
         elif key in options:
             options[key] = value
         else:
-            known = ", ".join([*weights, *options])
-            raise ConfigError(f"method {name}: unknown setting {key!r}; expected one of {known}")
+            close = difflib.get_close_matches(key, [*weights, *options], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"distill.weights.{key}: unknown setting {key!r}; expected one of "
+                              f"{', '.join([*weights, *options])} (the settings of method {name}{hint})")
 
-    s_cfg = student.config
     needs_teacher = any(k != "ce" and v > 0 for k, v in weights.items())
     if needs_teacher and teacher is None:
         raise ConfigError(f"method {name}: needs a teacher model, none was given")
@@ -174,13 +192,19 @@ def build_method(name: str, teacher: SegFormer | None, student: SegFormer, **ove
     if not needs_teacher:
         modules = ()  # every distillation term is weighted 0: nothing to align, nothing to train besides the student
     if teacher is not None and needs_teacher:
-        _check_pair(name, teacher.config, s_cfg, modules, weights)
-    _check_options(name, options, s_cfg)
+        _check_pair(name, teacher, student, modules, weights)
+    _check_options(name, options, student)
+    return ResolvedMethod(name, weights, options, modules)
 
+
+def build_method(name: str, teacher: SegFormer | None, student: SegFormer, **overrides) -> DistillMethod:
+    """Build a method of the table for a teacher/student pair (resolve_method on their configs, then the train-only
+    modules); the teacher is frozen."""
+    r = resolve_method(name, teacher.config if teacher is not None else None, student.config, **overrides)
     if teacher is not None:
         teacher.eval().requires_grad_(False)  # frozen: no gradient, BatchNorm statistics fixed
-    built = {m: MODULES[m](s_cfg, teacher.config, options) for m in modules} if modules else {}
-    return DistillMethod(name, teacher, student, weights, options, built)
+    built = {m: MODULES[m](student.config, teacher.config, r.options) for m in r.modules}
+    return DistillMethod(name, teacher, student, r.weights, r.options, built)
 
 
 def _weight(method: str, key: str, value) -> float:
@@ -201,7 +225,8 @@ def _check_pair(name: str, t: SegFormerConfig, s: SegFormerConfig, modules: tupl
                 raise ConfigError(
                     f"method {name}: teacher {t.variant} (widths {list(t.dims)}) is narrower than student "
                     f"{s.variant} (widths {list(s.dims)}) at stage {i + 1}; its modules project student "
-                    "features up to the teacher's width, so the teacher must be at least as wide"
+                    "features up to the teacher's width, so choose a teacher at least as wide (teacher.variant) "
+                    "or a narrower student (student.variant)"
                 )
 
 
