@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.io import sha256_file, write_json
+from pipeline.io import atomic_path, sha256_file, write_json, writing
 
 SCHEMA = "transkd-deploy/artifact"
 SCHEMA_VERSION = 1
@@ -217,33 +217,45 @@ def _value(hint, value, where: str, name: str):
     return value
 
 
+def _completed(meta: Metadata, final: Path, on_disk: Path) -> Metadata:
+    """The record with the artifact's file name, and the sha256 and size of the file as it is on disk."""
+    return replace(meta, file=final.name, sha256=sha256_file(on_disk), bytes=on_disk.stat().st_size)
+
+
 def write_sidecar(artifact: str | os.PathLike, meta: Metadata) -> Metadata:
     """`<artifact>.json` with the record, its file name, sha256 and size taken from the artifact as it is on
     disk; written atomically. Returns the completed record."""
     artifact = Path(artifact)
-    meta = replace(meta, file=artifact.name, sha256=sha256_file(artifact), bytes=artifact.stat().st_size)
+    meta = _completed(meta, artifact, artifact)
     write_json(sidecar_path(artifact), meta.to_dict())
     return meta
 
 
 def publish(staged: str | os.PathLike, final: str | os.PathLike, meta: Metadata) -> Metadata:
-    """Move a finished artifact from its staging name onto `final`, then write its sidecar: the record's hash is
-    the staged file's, and the sidecar comes last, so a reader never finds a sidecar that describes another file."""
+    """Move a finished artifact from its staging name onto `final` with its sidecar: the record (the staged file's
+    hash) is written under a staging name first, then the artifact is renamed and the sidecar last. A full disk
+    stops before either final name changes, and a reader never finds a sidecar that describes another file."""
     staged, final = Path(staged), Path(final)
-    os.replace(staged, final)
-    return write_sidecar(final, meta)
+    meta = _completed(meta, final, staged)
+    with atomic_path(sidecar_path(final)) as side:
+        side.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        os.replace(staged, final)
+    return meta
 
 
 def save(final: str | os.PathLike, write: Callable[[Path], object], meta: Metadata) -> Metadata:
     """Write an artifact through `write(staged_path)` under a temporary name beside `final`, then `publish` it with
-    its record; on any error nothing is left under either name."""
+    its record; on any error nothing is left under either name, and an OS error (a full disk, a read-only folder,
+    also one a library reports in its own words) is an OSError naming `final`."""
     final = Path(final)
     staged = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
-        write(staged)
-        return publish(staged, final, meta)
+        with writing(final, staged):
+            write(staged)
+            return publish(staged, final, meta)
     finally:
-        staged.unlink(missing_ok=True)
+        if staged.exists():
+            staged.unlink()
 
 
 def read_sidecar(artifact: str | os.PathLike, verify: bool = False) -> Metadata:

@@ -1,14 +1,21 @@
-"""Small file helpers shared by every stage: hashing and atomic writes (temp file, then rename)."""
+"""Small file helpers shared by every stage: hashing, atomic writes (temp file, then rename) that name their file when
+the system refuses them, and training-state files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import CheckpointError, PipelineError
+
+# an OS error code inside a library's message: Rust's io::Error as safetensors reports it, old and new spelling
+_OS_CODE = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 def progress_interval() -> float:
@@ -24,14 +31,56 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_error(e: BaseException, path: str | os.PathLike, staged: str | os.PathLike | None = None) -> OSError | None:
+    """The OSError behind an error raised while writing `path` through `staged` (its staging file, or a staging
+    folder standing for the folder `path`), naming `path` (or the file under it that the staging file stands for):
+    an OSError naming no file (a failed write or close) or a staged one, or a library error that carries just the OS
+    error code in its message (safetensors: `I/O error: No space left on device (os error 28)`). None when `e` is
+    no OS error, or one about another file."""
+    if isinstance(e, OSError) and e.errno is not None:
+        name = _final_name(e.filename, Path(path), staged)
+        if name is None:
+            return None
+        code = e.errno
+    else:
+        m = None if isinstance(e, (OSError, PipelineError)) else _OS_CODE.search(str(e))
+        if m is None:
+            return None
+        code, name = int(m[1] or m[2]), str(path)
+    return OSError(code, os.strerror(code), name)
+
+
+def _final_name(filename, path: Path, staged: str | os.PathLike | None) -> str | None:
+    if filename is None or str(filename) in (str(path), str(staged)):
+        return str(path)
+    if staged is not None and Path(filename).is_relative_to(staged):
+        return str(path / Path(filename).relative_to(staged))
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike, staged: str | os.PathLike | None = None) -> Iterator[None]:
+    """Within the block, an OS error met while writing `path` (through `staged`), as write_error finds it, is an
+    OSError naming `path`: what the CLI prints as `error: <path>: <what the system says>; <what to do>`."""
+    try:
+        yield
+    except Exception as e:
+        err = write_error(e, path, staged)
+        if err is None:
+            raise
+        raise err from e
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block finishes without error."""
+    """Yield a temp path beside `path`; rename it over `path` only if the block finishes without error. An OS error
+    on the way (a full disk, a read-only or missing folder) is an OSError naming `path`, the staging file removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -83,16 +132,43 @@ def save_state(stem: str | os.PathLike, state: dict) -> tuple[Path, Path]:
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     with atomic_path(weights) as tmp:
         save_file(tensors, tmp)
-    write_json(sidecar, {"state": skeleton, "sha256": sha256_file(weights)})
+    try:
+        write_json(sidecar, {"state": skeleton, "sha256": sha256_file(weights)})
+    except BaseException:
+        weights.unlink(missing_ok=True)  # a state is its two files: never one without the other
+        raise
     return weights, sidecar
 
 
+def reason(e: BaseException) -> str:
+    """Why reading a file failed, in a few words for an error line."""
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if isinstance(e, KeyError):
+        return f"no entry {e}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_state(stem: str | os.PathLike) -> dict:
+    """The training state `save_state` wrote; CheckpointError naming the file that is missing, unreadable, corrupt or
+    not the one its sidecar's sha256 describes."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     stem = Path(stem)
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    info = json.loads(sidecar.read_text())
-    if info.get("sha256") != sha256_file(weights):
-        raise ValueError(f"{weights}: sha256 differs from {sidecar.name}")
-    return _join(info["state"], load_file(weights))
+    try:
+        info = json.loads(sidecar.read_text())
+        skeleton, sha = info["state"], info["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{sidecar}: not a readable training state ({reason(e)})") from None
+    try:
+        if sha != sha256_file(weights):
+            raise CheckpointError(f"{weights}: sha256 differs from the one recorded in {sidecar.name} (changed or cut "
+                                  "short after it was written)")
+        return _join(skeleton, load_file(weights))
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{weights}: not a readable training state ({reason(e)})") from None

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,9 @@ from tqdm import tqdm
 from pipeline.artifacts import run_file
 from pipeline.config import Config, keys
 from pipeline.distill.methods import DistillMethod
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.io import load_state, progress_interval, save_state, write_json
+from pipeline.io import load_state, progress_interval, reason, save_state, write_json
 from pipeline.models import save_model
 from pipeline.models.segformer import SegFormer
 
@@ -189,21 +190,36 @@ class Checkpointer:
         save_state(stem, {**state, "config": self.config})
         write_json(self.folder / "last.json", {"checkpoint": stem.name, "step": step})
         self.last = stem
-        for old in sorted(self.folder.glob("step-*.json"))[: -self.keep]:
+        # states of later steps belong to a run this one replaced (train.resume=never): never keep them over this one
+        older = [p for p in sorted(self.folder.glob("step-*.json")) if p.stem <= stem.name]
+        for old in sorted(set(self.folder.glob("step-*.json")) - set(older[-self.keep:])):
             old.with_suffix(".safetensors").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
 
+    def _unresumable(self, problem: str) -> TrainingError:
+        return TrainingError(f"{problem}; the {self.role} training cannot resume from it: train.resume=never starts "
+                             "it over in this run directory, or use a new --run-dir")
+
     def load_last(self) -> dict | None:
-        """The newest state, None when there is none; a state of another config is refused."""
+        """The newest state, None when there is none; a state of another config is refused, and so is a broken one
+        (the pointer, the state's files or its sha256), naming the file and the ways out."""
         pointer = self.folder / "last.json"
         if not pointer.is_file():
             return None
-        stem = self.folder / json.loads(pointer.read_text())["checkpoint"]
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+            if not isinstance(name, str) or not re.fullmatch(r"step-\d+", name):
+                raise ValueError(f"'checkpoint' is {name!r}, expected a step-NNNNNNN name")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._unresumable(f"{pointer}: not a pointer to a training state ({reason(e)})") from None
+        stem = self.folder / name
         try:
             state = load_state(stem)
-        except (OSError, ValueError, KeyError) as e:
-            raise TrainingError(f"{stem}.safetensors: cannot resume from it ({e})") from None
-        saved = state["config"]
+        except CheckpointError as e:
+            raise self._unresumable(str(e)) from None
+        saved = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            raise self._unresumable(f"{stem}.json: no config recorded in the training state")
         diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
         if diff:
             raise TrainingError(

@@ -7,7 +7,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -313,10 +313,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
         decoder_dim = hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256)
         ckpt_classes = None
     if side_config:
-        try:
-            cfg = SegFormerConfig.from_dict(side_config)
-        except (InputError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{artifacts.sidecar_path(path)}: details.config: {e}") from None
+        cfg = _sidecar_config(side_config, path)
     else:
         cfg = SegFormerConfig(
             variant=variant_of(dims, depths, heads, decoder_dim) or "custom",
@@ -329,6 +326,20 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
     if num_classes is not None and num_classes != cfg.num_classes:
         cfg = SegFormerConfig(**{**asdict(cfg), "num_classes": num_classes})
     return cfg, has_head
+
+
+def _sidecar_config(config: dict, path: Path) -> SegFormerConfig:
+    """The architecture our sidecar records in details.config; a field missing or of the wrong kind is named."""
+    where = artifacts.sidecar_path(path)
+    missing = [f.name for f in fields(SegFormerConfig) if f.name not in config
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise CheckpointError(f"{where}: field 'details.config.{missing[0]}' missing (re-save the model with "
+                              "save_model)")
+    try:
+        return SegFormerConfig.from_dict(config)
+    except (InputError, TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: details.config: {e}") from None
 
 
 def _heads(config: dict, table: str | None, dims: list[int], depths: list[int], path: Path) -> tuple[int, ...]:
@@ -373,6 +384,18 @@ def _infer_meta(cfg: SegFormerConfig, extra: dict, source: str) -> ModelMeta:
 def _listing(keys: list[str], limit: int = 12) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def _refuse_non_finite(loaded: dict[str, torch.Tensor], mapping: dict, order: list[str], where: str) -> None:
+    """A NaN or inf weight makes every prediction meaningless (a diverged training saved as is): refused, naming the
+    first such tensor in the model's order as the file names it."""
+    for key in order:
+        tensor = loaded.get(key)
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+            raise CheckpointError(f"{where}: tensor {'+'.join(mapping[key][1])!r} holds {nan} NaN and {inf} inf of "
+                                  f"{tensor.numel()} values; the weights are broken (a diverged training?): use an "
+                                  "earlier checkpoint")
 
 
 def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None = None) -> SegFormer:
@@ -426,6 +449,7 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
         raise CheckpointError(f"{where}: {hint}{'; '.join(problems)}")
     if problems:
         warnings.warn(f"{where}: loaded non-strictly; {'; '.join(problems)}", CheckpointWarning, stacklevel=2)
+    _refuse_non_finite(loaded, mapping, list(expected), where)
     model.load_state_dict(loaded, strict=False)
     return model.eval()
 
