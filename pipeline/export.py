@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import artifacts
+from pipeline import artifacts, precision
 from pipeline.artifacts import INPUT_NAME, Contract, Metadata, Normalization
 from pipeline.config import Config, ExportConfig, validate
 from pipeline.data.transforms import network_input
 from pipeline.errors import ExportError
 from pipeline.evaluate import score, spread
 from pipeline.infer import Backend, OrtBackend, Segmenter, TorchBackend
-from pipeline.io import atomic_path, sha256_file
+from pipeline.io import atomic_path, sha256_file, writing
 from pipeline.models.checkpoints import checkpoint_metadata
 from pipeline.models.segformer import SegFormer, deploy_copy
 
@@ -30,6 +34,8 @@ log = logging.getLogger("pipeline")
 GRAPH_FIELDS = ("input", "output", "size", "batch", "dynamic", "opset")  # the export.* keys that shape the graph
 # export name -> artifact kind, in the order they are made
 KINDS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
+STAGING = ".staging"  # in the output directory: `export-*` folders, one per export while it runs
+_LOCK = "lock"  # in an export's staging folder, held (flock) for the export's life
 
 
 class DeployModel(nn.Module):
@@ -188,21 +194,74 @@ def check_parity(result: dict, path: Path, max_diff: float = 1e-3, min_agreement
 
 
 def remove(*paths: Path) -> None:
+    """Files and folders, as far as the file system lets us (a read-only run directory is refused afterwards)."""
     for p in paths:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            p.unlink(missing_ok=True)
+            with suppress(OSError):
+                p.unlink(missing_ok=True)
 
 
-def writable_dir(out_dir: Path) -> Path:
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """`<out_dir>/.staging/export-XXXX/`, where an export writes everything until all its checks passed: the
+    artifacts and sidecars under their final names, and every temporary file of the tools it runs (temp_files_in).
+    An exclusive lock on it lives as long as the export, so the next one knows a folder with a free lock for what a
+    killed export left, and removes it first (remove_stale). The folder goes when the block ends, however."""
+    remove_stale(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir):
-            pass
+        (out_dir / STAGING).mkdir(exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=out_dir / STAGING))
+        lock = open(folder / _LOCK, "w")  # noqa: SIM115 (held until the block ends)
     except OSError as e:
         raise ExportError(f"{out_dir}: output directory is not writable ({e.strerror or e})") from None
-    return out_dir
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        (folder / "tmp").mkdir()
+        with precision.temp_files_in(folder / "tmp"):
+            yield folder
+    finally:
+        remove(folder)
+        lock.close()
+        with suppress(OSError):
+            (out_dir / STAGING).rmdir()  # when no other export is running here
+
+
+def _alive(folder: Path) -> bool:
+    """Whether the export that made `folder` still runs: it holds the folder's lock (the kernel frees it when the
+    process dies, SIGKILL included)."""
+    try:
+        with open(folder / _LOCK) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass  # no lock file: killed before it made one
+    return False
+
+
+def remove_stale(out_dir: Path) -> None:
+    """What a killed export left in `out_dir`: its staging folder and, beside the artifacts, the temporary files of
+    a write it did not finish (and the `.student.int8.onnx.*` work folders of versions before the staging folder).
+    A publish cut between the artifact's rename and its sidecar's is finished first, when the sidecar describes
+    the artifact now under the final name."""
+    root = out_dir / STAGING
+    for folder in sorted(root.glob("export-*")) if root.is_dir() else []:
+        if not _alive(folder):
+            remove(folder)
+    for name in (artifacts.run_file(kind) for kind in KINDS.values()):
+        final, side = out_dir / name, artifacts.sidecar_path(out_dir / name)
+        for pending in sorted(out_dir.glob(f".{side.name}.tmp*")):  # artifacts.publish's sidecar, written first
+            with suppress(OSError, ValueError, AttributeError):
+                if final.is_file() and json.loads(pending.read_text()).get("sha256") == sha256_file(final):
+                    os.replace(pending, side)
+        remove(*out_dir.glob(f".{name}.*"))
+    with suppress(OSError):
+        root.rmdir()
 
 
 def check_export(e: ExportConfig) -> None:
@@ -216,46 +275,52 @@ def export_student(model: SegFormer, out_dir: Path, e: ExportConfig, val_set, tr
                    source: Path | None = None) -> dict:
     """student.onnx (parity-checked), student.fp16.onnx and student.int8.onnx as `e` asks, each with its sidecar,
     in `out_dir`: traced and checked against PyTorch, converted, finalized, then scored through Segmenter next to
-    the PyTorch student; returns the report. On any failure no artifact of this call is left behind."""
+    the PyTorch student; returns the report. Everything is made in a staging folder and published (each artifact
+    renamed onto its final name, then its sidecar) only when every check passed: on any failure, or a kill, no
+    final name changes, and what a killed export left is removed by the next one."""
     check_export(e)
-    out_dir = writable_dir(Path(out_dir))
-    model = model.cpu().eval()
-    meta = onnx_metadata(model, e, source)
-    paths = {name: out_dir / artifacts.run_file(kind) for name, kind in KINDS.items()}
-    report: dict = {"spec": {k: getattr(e, k) for k in GRAPH_FIELDS}, "source": str(source or ""), "artifacts": {}}
-    made: list[Path] = []
-    try:
-        # the reference is the model as trained (fold=False), so parity also checks the reparameterisation
-        reference = TorchBackend(DeployModel(model, e, with_logits=e.output == "labels", fold=False), "cpu",
-                                 outputs=output_names(e))
-        checks = graph_inputs(val_set, e.parity_frames, e, meta.normalization)
-        log.info("export: tracing %s (%s input, %s output, %dx%d%s) to %s", model.config.variant, e.input,
-                 e.output, *e.size, ", dynamic" if e.dynamic else "", paths["fp32"])
-        made.append(export_onnx(model, paths["fp32"], e, meta))
-        par = compare(reference, OrtBackend(paths["fp32"], "cpu"), checks)
-        check_parity(par, paths["fp32"], e.parity_max_diff, e.parity_min_agreement)
-        log.info("export: parity on %d frames: max |logit diff| %.2e, argmax agreement %.4f %%", par["frames"],
-                 par["max_abs_logit_diff"], 100 * par["argmax_agreement"])
-        report["artifacts"]["fp32"] = {"file": paths["fp32"].name, "parity": par}
-        for name in [n for n in ("fp16", "int8") if getattr(e, n)]:
-            made.append(paths[name])
-            info = convert(name, paths["fp32"], paths[name], e, train_set, meta.normalization)
-            report["artifacts"][name] = {"file": paths[name].name,
-                                         "parity": compare(reference, OrtBackend(paths[name], "cpu"), checks), **info}
-        for name in report["artifacts"]:
-            finalize(paths[name])
-        score_artifacts(model, e, val_set, report, out_dir, source, made)
-    except BaseException:
-        remove(*made)
-        raise
+    out_dir = Path(out_dir)
+    with staging(out_dir) as stage, writing(out_dir, stage):  # OS errors name out_dir's files, not staged ones
+        try:
+            report, records = _make(model.cpu().eval(), stage, out_dir, e, val_set, train_set, source)
+        except ExportError as err:  # name the artifact, not its staging copy (removed when this block ends)
+            raise ExportError(str(err).replace(f"{stage}{os.sep}", f"{out_dir}{os.sep}")) from None
+        for entry in report["artifacts"].values():
+            meta = artifacts.publish(stage / entry["file"], out_dir / entry["file"], records[entry["file"]])
+            entry["sha256"] = meta.sha256
     return report
+
+
+def _make(model: SegFormer, stage: Path, out_dir: Path, e: ExportConfig, val_set, train_set, source: Path | None):
+    """Every artifact `e` asks for, made and checked in `stage` (to be published in `out_dir`): (the report, each
+    file's record)."""
+    meta = onnx_metadata(model, e, source)
+    paths = {name: stage / artifacts.run_file(kind) for name, kind in KINDS.items()}
+    report: dict = {"spec": {k: getattr(e, k) for k in GRAPH_FIELDS}, "source": str(source or ""), "artifacts": {}}
+    # the reference is the model as trained (fold=False), so parity also checks the reparameterisation
+    reference = TorchBackend(DeployModel(model, e, with_logits=e.output == "labels", fold=False), "cpu",
+                             outputs=output_names(e))
+    checks = graph_inputs(val_set, e.parity_frames, e, meta.normalization)
+    log.info("export: tracing %s (%s input, %s output, %dx%d%s) to %s", model.config.variant, e.input,
+             e.output, *e.size, ", dynamic" if e.dynamic else "", out_dir / paths["fp32"].name)
+    export_onnx(model, paths["fp32"], e, meta)
+    par = compare(reference, OrtBackend(paths["fp32"], "cpu"), checks)
+    check_parity(par, out_dir / paths["fp32"].name, e.parity_max_diff, e.parity_min_agreement)
+    log.info("export: parity on %d frames: max |logit diff| %.2e, argmax agreement %.4f %%", par["frames"],
+             par["max_abs_logit_diff"], 100 * par["argmax_agreement"])
+    report["artifacts"]["fp32"] = {"file": paths["fp32"].name, "parity": par}
+    for name in [n for n in ("fp16", "int8") if getattr(e, n)]:
+        info = convert(name, paths["fp32"], paths[name], e, train_set, meta.normalization)
+        report["artifacts"][name] = {"file": paths[name].name,
+                                     "parity": compare(reference, OrtBackend(paths[name], "cpu"), checks), **info}
+    for name in report["artifacts"]:
+        finalize(paths[name])
+    return report, score_artifacts(model, e, val_set, report, stage, source)
 
 
 def convert(name: str, fp32: Path, dst: Path, e: ExportConfig, train_set, norm: Normalization) -> dict:
     """The FP16 or INT8 variant of the FP32 graph (pipeline/precision.py); returns {"conversion" | "quantization":
-    what was done}."""
-    from pipeline import precision  # modelopt / onnxruntime.quantization: imported only when asked for
-
+    what was done}; precision.py imports modelopt and onnxruntime.quantization only when asked for."""
     if name == "fp16":
         return {"conversion": precision.to_fp16(fp32, dst)}
     calib = graph_inputs(train_set, e.calibration_frames, e, norm)
@@ -265,10 +330,10 @@ def convert(name: str, fp32: Path, dst: Path, e: ExportConfig, train_set, norm: 
                                               backend=e.int8_backend)}
 
 
-def score_artifacts(model: SegFormer, e: ExportConfig, val_set, report: dict, out_dir: Path, source: Path | None,
-                    made: list[Path]) -> None:
-    """The PyTorch student and every finalized artifact scored the same way (evaluate.score through a Segmenter at
-    the export size); each artifact's sidecar written with its measurements (and added to `made`)."""
+def score_artifacts(model: SegFormer, e: ExportConfig, val_set, report: dict, stage: Path,
+                    source: Path | None) -> dict[str, Metadata]:
+    """The PyTorch student and every finalized artifact in `stage` scored the same way (evaluate.score through a
+    Segmenter at the export size); returns each artifact's record with its measurements, by file name."""
     pytorch = Segmenter(TorchBackend(model, "cpu"), checkpoint_metadata(model, str(source or "")),
                         Path(source or "student"), size=tuple(e.size))
     reference = score(pytorch, val_set, e.eval_frames, progress=False)
@@ -277,15 +342,15 @@ def score_artifacts(model: SegFormer, e: ExportConfig, val_set, report: dict, ou
              val_set.split)
     report["pytorch"] = {"miou": reference.miou, "pixel_acc": reference.pixel_acc}
     report["eval"] = {"dataset": val_set.name, "split": val_set.split, "frames": frames, "resolution": "full label"}
+    records = {}
     for entry in report["artifacts"].values():
-        path = out_dir / entry["file"]
-        seg = Segmenter.open(path, provider="cpu", size=tuple(e.size))
+        seg = Segmenter.open(stage / entry["file"], provider="cpu", size=tuple(e.size))
         res = score(seg, val_set, e.eval_frames, progress=False)
         entry.update(miou=res.miou, pixel_acc=res.pixel_acc, miou_delta_vs_pytorch=res.miou - reference.miou)
         measured = {"parity": entry["parity"], "miou": res.miou, "pixel_acc": res.pixel_acc,
                     "pytorch_miou": reference.miou, "eval": report["eval"]}
-        made.append(artifacts.sidecar_path(path))
-        entry["sha256"] = artifacts.write_sidecar(path, replace(seg.meta, measured=measured)).sha256
+        records[entry["file"]] = replace(seg.meta, measured=measured)
+    return records
 
 
 def report_table(report: dict) -> str:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,6 +54,21 @@ from modelopt.onnx.quantization import quantize
 job = json.loads(sys.argv[1])
 quantize(job.pop("onnx_path"), calibration_data=np.load(job.pop("calibration")), **job)
 """
+
+
+@contextmanager
+def temp_files_in(folder: str | os.PathLike) -> Iterator[Path]:
+    """Every temporary file this process and its children make goes under `folder` for the duration, not the system
+    temp dir: onnxslim, ONNX Runtime's quantizer and Model Optimizer call `tempfile` (a 0-byte `tmp*.onnx` of Model
+    Optimizer's survived a SIGKILL in /tmp), and `folder`, inside the export's staging area, goes with it, or with
+    the next export after a kill. `tempfile.tempdir` is the module's documented override; children get it as
+    TMPDIR (`_run_child`)."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = saved
 
 
 def _version(dist: str) -> str:
@@ -292,7 +311,8 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "entrop
                                                     _version("onnxruntime"), "fp32")
     _check_dst(dst)
 
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+    # the work folder beside `dst` (in the export's staging area) also takes the tools' own temporary files
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp, temp_files_in(tmp):
         work, out = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save(source, str(work))  # named nodes, external data inlined; the tools write beside it
         if backend == "modelopt":
@@ -349,14 +369,68 @@ def _modelopt_quantize(work: Path, out: Path, name: str, frames: np.ndarray, ste
 
 
 def _run_child(code: str, arg: str, src: Path, tool: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    for line in (proc.stdout + proc.stderr).splitlines():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": tempfile.gettempdir()}
+    with _child_process([sys.executable, "-c", code, arg], env) as proc:
+        stdout, stderr = proc.communicate()
+    for line in (stdout + stderr).splitlines():
         log.debug("quantize: %s", line)
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         raise ExportError(f"{src}: INT8 quantization with {tool} failed "
                           f"({lines[-1] if lines else f'exit status {proc.returncode}'})")
+
+
+@contextmanager
+def _child_process(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`argv` as a child that dies with this process. It runs in a process group of its own, which is killed whole
+    when the block ends, however it ends (an error, Ctrl-C: a terminal's SIGINT no longer reaches the group, we
+    pass it on) and on SIGTERM; on Linux the kernel also sends it SIGKILL when we die without a chance to clean up
+    (SIGKILL, a crash)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, preexec_fn=_parent_death_signal())
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigterm(signum, frame) -> None:
+            _kill_group(proc)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)  # then SIGTERM does what it did before the child was started
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield proc
+    finally:
+        _kill_group(proc)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
+        proc.wait()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group keeps the child's pid as its id while any member lives
+    except (ProcessLookupError, PermissionError):
+        pass  # the child and everything it started have exited
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _parent_death_signal():
+    """A preexec_fn asking the kernel to SIGKILL the child when the thread that started it dies (Linux; None
+    elsewhere). The export starts it from its main thread, which lives as long as the pipeline."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 # The ORT backend places Q/DQ as TensorRT wants it: on the inputs of the compute-heavy ops only. Quantizing their

@@ -1,5 +1,6 @@
 """Export: the deploy graph's contract, ONNX Runtime parity with PyTorch on real frames, and clean failures."""
 
+import fcntl
 import json
 
 import numpy as np
@@ -108,6 +109,36 @@ def test_failed_parity_leaves_no_artifact(tmp_path, data, student):
         export_student(student, tmp_path, plain(parity_max_diff=1e-12), val, train)
     assert "\n" not in str(err.value) and "student.onnx" in str(err.value)
     assert not list(tmp_path.glob("student*")) and not list(tmp_path.glob(".*"))
+
+
+def test_the_next_export_cleans_what_a_killed_one_left_and_a_failed_one_keeps_the_last(tmp_path, data, student):
+    """What a killed export left: its staging folder (its lock free now), an older version's work folder beside the
+    INT8 graph, a sidecar whose publish a kill cut short (complete, under its staging name). The next export
+    removes the first two, puts the sidecar in place and leaves a running export's folder alone; a re-export that
+    fails its checks leaves the last export as it was (it used to delete the student.onnx it had overwritten)."""
+    from pipeline.export import remove_stale
+
+    train, val = data
+    export_student(student, tmp_path, plain(), val, train)
+    final, side = tmp_path / "student.onnx", artifacts.sidecar_path(tmp_path / "student.onnx")
+    side.rename(tmp_path / ".student.onnx.json.tmp4242")  # killed between the artifact's rename and its sidecar's
+    dead = tmp_path / ".staging" / "export-dead"
+    (dead / "tmp").mkdir(parents=True)
+    (dead / "lock").write_text("4242\n")
+    (dead / "tmp" / "tmpq1w2e3.onnx").touch()
+    (tmp_path / ".student.int8.onnx.k2j3l4").mkdir()
+    live = tmp_path / ".staging" / "export-live"
+    live.mkdir()
+    with open(live / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running export holds it
+        remove_stale(tmp_path)
+    assert [p.name for p in tmp_path.glob(".*")] == [".staging"] and list(live.parent.iterdir()) == [live]
+    assert artifacts.read_sidecar(final, verify=True).file == "student.onnx"
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("student*")}
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_student(student, tmp_path, plain(parity_max_diff=1e-12), val, train)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("student*")} == before
+    assert not list(tmp_path.rglob(".*"))  # the live folder's lock was free by then: removed as stale
 
 
 def test_unwritable_output_and_bad_spec_are_one_line_errors(tmp_path, data, student):
