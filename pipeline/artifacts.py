@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -163,7 +164,8 @@ class Metadata:
                   ("contract.size", c.size is None or (len(c.size) == 2 and min(c.size) > 0), "[H, W] or null"),
                   ("precision", meta.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
                   ("classes", len(meta.classes) == meta.num_classes, f"{meta.num_classes} names (num_classes)"),
-                  ("palette", all(len(p) == 3 for p in meta.palette), "[R, G, B] per class"),
+                  ("palette", len(meta.palette) == meta.num_classes and all(len(p) == 3 for p in meta.palette),
+                   f"{meta.num_classes} [R, G, B] entries (num_classes)"),
                   ("normalization.mean", len(meta.normalization.mean) == 3, "3 numbers"),
                   ("normalization.std", len(meta.normalization.std) == 3 and min(meta.normalization.std) > 0,
                    "3 positive numbers")]
@@ -212,6 +214,8 @@ def _value(hint, value, where: str, name: str):
     if not ok:
         raise InputError(f"{where}: field {name!r}: expected {_ORIGINS.get(base, base.__name__)}, "
                          f"got {type(value).__name__}")
+    if base is float and not math.isfinite(value):
+        raise InputError(f"{where}: field {name!r}: expected a finite number, got {value}")
     if base is list and args:
         return [_value(args[0], v, where, f"{name}[{i}]") for i, v in enumerate(value)]
     return value

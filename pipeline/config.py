@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,8 @@ def _plain(obj):
     return obj
 
 
+INT64 = 1 << 63  # an integer value must fit the 64 bits torch and numpy take it as
+
 # Allowed values of the keys with a fixed set of words; the keys whose values name a registry entry (a dataset, a
 # model variant, a distillation method) are checked against that registry (REGISTRIES).
 CHOICES = {
@@ -202,7 +205,8 @@ def _coerce(key: str, value, target_type, current):
     if isinstance(current, tuple) or origin is tuple:
         if isinstance(value, str):  # "128x256" or "0.5,2.0"
             parts = value.lower().replace("x", ",").split(",")
-            value = [yaml.safe_load(p) for p in parts]
+            with contextlib.suppress(yaml.YAMLError):  # a part YAML refuses (a NUL): refused below as it was given
+                value = [yaml.safe_load(p) for p in parts]
         if not isinstance(value, (list, tuple)) or len(value) != len(current):
             raise ConfigError(f"{key}={value!r}: expected {len(current)} values like "
                               f"{'x'.join(str(v) for v in current)}")
@@ -215,21 +219,24 @@ def _coerce(key: str, value, target_type, current):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
             value = type(current)(value)
     if isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64:
             return value
-        raise ConfigError(f"{key}={value!r}: expected an integer")
+        raise ConfigError(f"{key}={value!r}: expected an integer" + (" of 64 bits" if isinstance(value, int) else ""))
     if isinstance(current, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        raise ConfigError(f"{key}={value!r}: expected a finite number")
     if isinstance(current, dict):
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return value
-        raise ConfigError(f"{key}={value!r}: expected a mapping like {{pea: 1.0}}")
+        raise ConfigError(f"{key}={value!r}: expected a mapping of names like {{pea: 1.0}}")
     if value is None:
         return ""
     if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans; a text key means the word
         return "off" if value is False else "on"
+    if isinstance(value, (list, tuple, dict, set, bytes)) or "\0" in str(value):
+        raise ConfigError(f"{key}={value!r}: expected a text value" + (" without NUL characters"
+                                                                        if isinstance(value, str) else ""))
     return str(value)
 
 
@@ -243,6 +250,8 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
         if key.startswith("distill.weights.") and key.count(".") == 2:
             cfg.distill.weights[key.split(".")[2]] = value
             continue
+        if key not in known and key in _sections():
+            raise ConfigError(f"{key}={value!r}{where}: expected a mapping of the {key}.* keys")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -282,6 +291,16 @@ def _check_train(cfg: Config) -> None:
     for key, spec in (("teacher.steps", cfg.teacher), ("student.steps", cfg.student)):
         if spec.steps < 0:
             raise ConfigError(f"{key}: expected an integer >= 0")
+    if not 0 <= t.betas[0] < 1 or not 0 <= t.betas[1] < 1:
+        raise ConfigError(f"train.betas={t.betas}: expected two numbers within [0, 1)")
+    _at_least(0, {"train.weight_decay": t.weight_decay, "train.power": t.power, "train.grad_clip": t.grad_clip,
+                  "seed": cfg.seed})
+
+
+def _at_least(low: int, values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value < low:
+            raise ConfigError(f"{key}={value}: expected a number >= {low}")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -289,6 +308,10 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.size={d.size}: height and width must be >= 32")
     if not 0 < d.scale[0] <= d.scale[1]:
         raise ConfigError(f"data.scale={d.scale}: expected 0 < low <= high")
+    if min(d.synthetic_size) < 32:
+        raise ConfigError(f"data.synthetic_size={d.synthetic_size}: height and width must be >= 32")
+    _at_least(0, {"data.workers": d.workers, "data.synthetic_seed": d.synthetic_seed})
+    _at_least(1, {"data.synthetic_train": d.synthetic_train, "data.synthetic_val": d.synthetic_val})
 
 
 def _check_export(e: ExportConfig) -> None:
@@ -302,6 +325,9 @@ def _check_export(e: ExportConfig) -> None:
         raise ConfigError(f"export.parity_max_diff={e.parity_max_diff}: expected a number > 0")
     if not 0 <= e.parity_min_agreement <= 1:
         raise ConfigError(f"export.parity_min_agreement={e.parity_min_agreement}: expected a number within [0, 1]")
+    if not e.workspace_gib > 0:
+        raise ConfigError(f"export.workspace_gib={e.workspace_gib}: expected a number > 0")
+    _at_least(0, {"export.parity_frames": e.parity_frames, "export.eval_frames": e.eval_frames})
 
 
 def _check_bench(b: BenchConfig) -> None:
@@ -342,7 +368,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
             raise ConfigError(f"{item!r}: expected key=value, e.g. train.steps=200")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw.strip()  # YAML 1.1 reads off/on/no/yes as booleans: `train.amp=off` means the word
@@ -350,16 +376,20 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    """Nested YAML mappings -> dotted keys (distill.weights stays a mapping)."""
-    out: dict[str, object] = {}
+def flatten(d: dict) -> dict[str, object]:
+    """The sections of a YAML mapping -> dotted keys (`data: {size: ...}` -> data.size). A mapping anywhere else is
+    the key's value (distill.weights, or one a type check refuses), never more keys: `root: {}` is not no root."""
+    sections, out = _sections(), {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "distill.weights":
-            out.update(flatten(v, key + "."))
+        if k in sections and (isinstance(v, dict) or v is None):  # None: a section with every line commented out
+            out.update({f"{k}.{name}": value for name, value in (v or {}).items()})
         else:
-            out[key] = v
+            out[str(k)] = v
     return out
+
+
+def _sections() -> set[str]:
+    return {k.partition(".")[0] for k in keys() if "." in k}
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -368,11 +398,16 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     if path:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
+        data = {} if data is None else data  # an empty file: the defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, train, ...)")
         apply(cfg, flatten(data), source=str(path))

@@ -159,6 +159,7 @@ class OrtBackend:
 
     def __init__(self, path: Path, provider: str = "auto", threads: int = 0) -> None:
         self.provider, _ = resolve_provider(provider)
+        self.path = Path(path)
         self.session = ort_session(path, self.provider, threads)
         self.device = "cuda" if self.provider != "cpu" else "cpu"
         (inp,), outs = self.session.get_inputs(), self.session.get_outputs()
@@ -177,19 +178,34 @@ class OrtBackend:
         """The primary output for `x`; a static output is returned in the backend's own buffer, which the next call
         overwrites."""
         b = self.binding
-        b.bind_cpu_input(self.input_name, x)
-        if self.out is None:
-            b.bind_output(self.output_name, "cpu")
-        self.session.run_with_iobinding(b)
+        try:
+            b.bind_cpu_input(self.input_name, x)
+            if self.out is None:
+                b.bind_output(self.output_name, "cpu")
+            self.session.run_with_iobinding(b)
+        except Exception as e:
+            raise _run_error(self.path, e, x) from None
         return self.out if self.out is not None else b.copy_outputs_to_cpu()[0]
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every output for `x`, in new arrays; a fixed-batch graph takes fewer frames (see _fill_batch)."""
-        out = self.session.run(None, {self.input_name: _fill_batch(x, self.batch)})
+        feed = {self.input_name: _fill_batch(x, self.batch)}
+        try:
+            out = self.session.run(None, feed)
+        except Exception as e:
+            raise _run_error(self.path, e, x) from None
         return {name: v[:len(x)] for name, v in zip(self.outputs, out)}
 
     def sync(self) -> None:
         pass  # run_with_iobinding returns when the outputs are in host memory
+
+
+def _run_error(path: Path, e: Exception, x: np.ndarray) -> InputError:
+    """ONNX Runtime's failure while running a graph that loaded (a node that cannot execute in a changed or foreign
+    graph; it raises its own types or a plain RuntimeError) as one line naming the file."""
+    first = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return InputError(f"{path}: ONNX Runtime cannot run it on a {'x'.join(map(str, x.shape))} {x.dtype} input "
+                      f"({first})")
 
 
 class TrtBackend:
@@ -245,7 +261,8 @@ class Segmenter:
         (autocast), `mode` eager, compile (torch.compile) or cudagraph; `deploy` runs the reparameterised copy the
         export traces (`deploy_copy`: folded decode head, Mix-FFN as convs; off: the model as trained).
         `size` fixes the network resolution where the artifact does not (PyTorch, dynamic ONNX) and must equal a
-        static graph's; `default_size` is used only where the artifact fixes none."""
+        static graph's; `default_size` is used only where the artifact fixes none. An ONNX file with a sidecar
+        beside it must be the file that sidecar describes (sidecar_record)."""
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such artifact")
@@ -253,7 +270,10 @@ class Segmenter:
             backend = TrtBackend(path)
             return cls(backend, backend.runner.meta, path, size, default_size)
         if path.suffix == ".onnx":
+            side = sidecar_record(path)  # before the graph's bytes are parsed
             meta = onnx_record(path)
+            if side is not None:
+                _same_record(side, meta, path)
             return cls(OrtBackend(path, provider, threads), meta, path, size, default_size)
         from pipeline.models import deploy_copy, load_model
         from pipeline.models.checkpoints import checkpoint_metadata
@@ -381,4 +401,37 @@ def onnx_record(path: Path) -> Metadata:
     return meta
 
 
-__all__ = ["Backend", "OrtBackend", "Segmenter", "TorchBackend", "TrtBackend", "onnx_record", "ort_session"]
+def sidecar_record(path: Path) -> Metadata | None:
+    """The validated record of `<path>.json` with the file's sha256 checked against it (artifacts.read_sidecar with
+    verify), or None where the artifact has no sidecar: a graph then relies on the record it carries, and a change to
+    its bytes that still parses (a weight) goes unnoticed; with the sidecar it is refused."""
+    return artifacts.read_sidecar(path, verify=True) if artifacts.sidecar_path(path).is_file() else None
+
+
+_OWN_FIELDS = ("file", "sha256", "bytes", "measured")  # what a sidecar adds to the record a graph carries
+_ABSENT = object()
+
+
+def _first_difference(a: object, b: object, name: str = "") -> str | None:
+    """The dotted name of the first field where two JSON-like values differ; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{name}.{key}" if name else key)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else name
+
+
+def _same_record(side: Metadata, carried: Metadata, path: Path) -> None:
+    """The sidecar repeats the record the graph carries (export writes it from that record), adding only its own
+    fields; InputError naming the first field where they differ."""
+    a, b = ({k: v for k, v in m.to_dict().items() if k not in _OWN_FIELDS} for m in (side, carried))
+    field = _first_difference(a, b)
+    if field is not None:
+        raise InputError(f"{artifacts.sidecar_path(path)}: field {field!r} differs from the record {path.name} "
+                         "carries; the sidecar belongs to another export (re-export, or remove the sidecar)")
+
+
+__all__ = ["Backend", "OrtBackend", "Segmenter", "TorchBackend", "TrtBackend", "onnx_record", "ort_session",
+           "sidecar_record"]

@@ -17,7 +17,7 @@ from pipeline import artifacts
 from pipeline.artifacts import Metadata, sidecar_path
 from pipeline.errors import ExportError, InputError
 from pipeline.onnxinfo import fmt
-from trt.build import tensorrt_unavailable, trt_logger
+from trt.build import HARDWARE_COMPAT, tensorrt_unavailable, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt
@@ -32,7 +32,8 @@ NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": 
 
 def load_sidecar(plan: str | os.PathLike) -> Metadata:
     """The validated record beside an engine (`<plan>.json`, artifacts.read_sidecar), of an engine kind, whose
-    details hold what the runtime checks: the TensorRT version, the GPU, the build and the input with its shape."""
+    details hold what the runtime checks, each of the type it is read as: the TensorRT version, the GPU, the build
+    settings and the input with its shape and profile; the plan must be the file the record describes (sha256)."""
     plan = Path(plan)
     if not plan.is_file():
         raise InputError(f"{plan}: no such TensorRT engine file")
@@ -40,18 +41,81 @@ def load_sidecar(plan: str | os.PathLike) -> Metadata:
     engines = artifacts.kinds("tensorrt")
     if meta.kind not in engines:
         raise InputError(f"{where}: field 'kind' is {meta.kind!r}; an engine's record is one of {', '.join(engines)}")
-    d = meta.details
-    inputs, gpu = d["inputs"], d["gpu"]
-    checks = (("details.tensorrt", isinstance(d["tensorrt"], str), "a version string"),
-              ("details.gpu", isinstance(gpu, dict) and {"name", "compute_capability"} <= set(gpu),
-               "an object with name and compute_capability"),
-              ("details.build", isinstance(d["build"], dict), "an object"),
-              ("details.inputs[0]", isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], dict)
-               and {"name", "dtype", "shape"} <= set(inputs[0]), "an object with name, dtype and shape"))
-    for name, ok, expected in checks:
-        if not ok:
-            raise InputError(f"{where}: field {name!r}: expected {expected}")
+    problem = _details_problem(meta.details) or _contract_problem(meta)
+    if problem:
+        raise InputError(f"{where}: field {problem[0]!r}: expected {problem[1]}")
+    artifacts.read_sidecar(plan, verify=True)  # last: a wrong record is named as such, not as a changed plan
     return meta
+
+
+_VERSION = re.compile(r"\d+(\.\d+)*")
+_INPUT = "details.inputs[0]"
+
+
+def _details_problem(d: dict) -> tuple[str, str] | None:
+    """The first field of an engine record's details that the runtime could not use: (field, what it must be)."""
+    gpu, build, inputs = d["gpu"], d["build"], d["inputs"]
+    if not (isinstance(d["tensorrt"], str) and _VERSION.fullmatch(d["tensorrt"])):
+        return "details.tensorrt", "a version string such as 10.13.3.9"
+    if not (isinstance(gpu, dict) and isinstance(gpu.get("name"), str)
+            and isinstance(gpu.get("compute_capability"), str) and _VERSION.fullmatch(gpu["compute_capability"])):
+        return "details.gpu", "an object with name and compute_capability (such as 8.9)"
+    if not isinstance(build, dict):
+        return "details.build", "an object"
+    if not (isinstance(build.get("hardware_compat"), str) and build["hardware_compat"] in HARDWARE_COMPAT):
+        return "details.build.hardware_compat", f"one of {', '.join(HARDWARE_COMPAT)}"
+    for key in ("version_compatible", "exclude_lean_runtime"):
+        if not isinstance(build.get(key), bool):
+            return f"details.build.{key}", "true or false"
+    if not (isinstance(inputs, list) and inputs and isinstance(inputs[0], dict)
+            and isinstance(inputs[0].get("name"), str) and isinstance(inputs[0].get("dtype"), str)):
+        return _INPUT, "an object with name, dtype and shape"
+    return _input_problem(inputs[0])
+
+
+def _input_problem(inp: dict) -> tuple[str, str] | None:
+    """The input's shape (dims: positive integers, names where dynamic) and, where any dim is dynamic, the profile
+    it was built with: min, opt and max of the shape's rank, equal to it in its static dims, min <= opt <= max."""
+    shape, profile = inp.get("shape"), inp.get("profile")
+    if not (isinstance(shape, list) and shape and all(_positive(d) or (isinstance(d, str) and d) for d in shape)):
+        return f"{_INPUT}.shape", "a list of dims, positive integers or the names of dynamic ones"
+    if profile is None:
+        dynamic = any(isinstance(d, str) for d in shape)
+        return (f"{_INPUT}.profile", "min, opt and max shapes for its dynamic dims") if dynamic else None
+
+    def fits(dims: object) -> bool:
+        return (isinstance(dims, list) and len(dims) == len(shape) and all(map(_positive, dims))
+                and all(isinstance(s, str) or s == v for s, v in zip(shape, dims)))
+
+    if not (isinstance(profile, dict) and all(fits(profile.get(k)) for k in ("min", "opt", "max"))
+            and all(lo <= opt <= hi for lo, opt, hi in zip(profile["min"], profile["opt"], profile["max"]))):
+        return f"{_INPUT}.profile", (f"min, opt and max, each {len(shape)} positive integers fitting the shape "
+                                     "(min <= opt <= max)")
+    return None
+
+
+def _contract_problem(meta: Metadata) -> tuple[str, str] | None:
+    """The contract the Segmenter batches and sizes frames by is the engine input's: N x 3 x H x W (float) or
+    N x H x W x 3 (uint8), dynamic where the input has dynamic dims, its batch (null where that is dynamic), and
+    its size where it is static."""
+    c, shape = meta.contract, meta.details["inputs"][0]["shape"]
+    nhwc = c.input == "uint8"
+    if len(shape) != 4 or shape[3 if nhwc else 1] != 3:
+        return f"{_INPUT}.shape", f"N x {'H x W x 3' if nhwc else '3 x H x W'} for a {c.input} input, not {fmt(shape)}"
+    dynamic = any(isinstance(d, str) for d in shape)
+    if c.dynamic != dynamic:
+        return "contract.dynamic", f"{str(dynamic).lower()} for the engine's input {fmt(shape)}"
+    batch = shape[0] if isinstance(shape[0], int) else None  # None: any, within the profile
+    if c.batch != batch:
+        return "contract.batch", f"{batch if batch else 'null (any)'} for the engine's input {fmt(shape)}"
+    hw = shape[1:3] if nhwc else shape[2:4]
+    if not dynamic and c.size != hw:
+        return "contract.size", f"[{hw[0]}, {hw[1]}] for the engine's input {fmt(shape)}"
+    return None
+
+
+def _positive(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 1
 
 
 def _numbers(version: str) -> Shape:

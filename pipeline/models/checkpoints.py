@@ -305,6 +305,8 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
 
     hf = extra.get("hf_config", {})
     side_config = extra["sidecar"].details["config"] if "sidecar" in extra else None
+    if side_config is not None and not isinstance(side_config, dict):
+        raise CheckpointError(f"{artifacts.sidecar_path(path)}: field 'details.config': expected an object")
     table = variant_of(dims, depths)
     heads = _heads(side_config or hf, table, dims, depths, path)
     if has_head:
@@ -345,8 +347,11 @@ def _sidecar_config(config: dict, path: Path) -> SegFormerConfig:
 def _heads(config: dict, table: str | None, dims: list[int], depths: list[int], path: Path) -> tuple[int, ...]:
     """Attention heads per stage: weights do not show them, so from the file's own config (our sidecar's `heads`,
     Hugging Face's `num_attention_heads`) or the MiT table of the layout."""
-    if config.get("heads") or config.get("num_attention_heads"):
-        return tuple(config.get("heads") or config["num_attention_heads"])
+    heads = config.get("heads") or config.get("num_attention_heads")
+    if heads:
+        if not (isinstance(heads, list) and all(isinstance(h, int) and not isinstance(h, bool) for h in heads)):
+            raise CheckpointError(f"{path}: its config's attention heads {heads!r}: expected a list of integers")
+        return tuple(heads)
     if table:
         return VARIANTS[table][2]
     raise CheckpointError(f"{path}: widths {dims} / depths {depths} are not a MiT-B0..B5 layout and the file does not "

@@ -62,6 +62,8 @@ class SegFormerConfig:
                 raise InputError(f"model config: width {c} is not divisible by {h} heads")
         if self.head_style not in ("mlp", "mmseg"):
             raise InputError(f"model config: head_style {self.head_style!r}, expected 'mlp' or 'mmseg'")
+        if len(self.norm_eps) != 3:
+            raise InputError(f"model config: norm_eps has {len(self.norm_eps)} entries, expected 3")
         if self.num_classes < 1:
             raise InputError(f"model config: num_classes {self.num_classes}, expected >= 1")
 
@@ -89,7 +91,24 @@ class SegFormerConfig:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return {k: _typed(f"model config: {k}", v, cls.__dataclass_fields__[k].type) for k, v in d.items()}
+
+
+def _typed(name: str, value: object, hint: str):
+    """`value` as the field annotated `hint` takes it (str, int >= 1, finite float, or a tuple of them)."""
+    if hint.startswith("tuple["):
+        item = hint[len("tuple["):].split(",")[0].strip()
+        if not isinstance(value, (list, tuple)) or not value:
+            raise InputError(f"{name} {value!r}: expected a list of {item}s")
+        return tuple(_typed(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint == "int" and not (number and isinstance(value, int) and value >= 1):
+        raise InputError(f"{name} {value!r}: expected an integer >= 1")
+    if hint == "float" and not (number and 0 <= value < 1):
+        raise InputError(f"{name} {value!r}: expected a number within [0, 1)")
+    if hint == "str" and not isinstance(value, str):
+        raise InputError(f"{name} {value!r}: expected a string")
+    return float(value) if hint == "float" else value
 
 
 def variant_of(dims, depths, heads=None, decoder_dim=None) -> str | None:
