@@ -3,12 +3,15 @@
     python benchmarks/latency.py --engine student.int8.plan [--cuda-graph]
     python benchmarks/latency.py --onnx student.onnx student.int8.onnx --provider cpu --checkpoint student.safetensors \
         --baseline student.safetensors --size 512x1024 --threads 2 --json latency.json
+    python benchmarks/latency.py --onnx any_model.onnx --shapes images:1x3x512x1024,scale:1 --provider cuda
 
 Several artifacts in one call are timed interleaved (round robin, the order alternating per round), so their
 ratios are measured on the same machine state. "compute" is the network alone on a prepared batch (TensorRT:
 CUDA events around execute_async_v3 or a CUDA graph launch); `--e2e` also times a whole `predict` on camera frames,
-with preprocessing, host<->device copies (TensorRT) and postprocessing reported separately. The harness is
-pipeline/timing.py, shared with the bench stage.
+with preprocessing, host<->device copies (TensorRT) and postprocessing reported separately. An ONNX file or engine
+this pipeline did not make (no record, no sidecar) is timed like trtexec times it: its inputs from the graph or
+engine, the dynamic dims from --shapes or --batch/--size, random input. The harness is pipeline/timing.py, shared
+with the bench stage.
 """
 
 from __future__ import annotations
@@ -22,20 +25,27 @@ from pathlib import Path
 from pipeline.cli import Parser, cli_main
 from pipeline.config import parse_size
 from pipeline.errors import InputError
-from pipeline.infer import DTYPES, PROVIDERS, TORCH_MODES
+from pipeline.infer import PROVIDERS, TORCH_DTYPES, TORCH_MODES
 from pipeline.io import write_json
+from pipeline.onnxinfo import parse_shapes
 from pipeline.timing import SCHEMA, Target, machine, parse_amount, prepare, results, run_interleaved, table
 
 
 def build_parser() -> Parser:
     ap = Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", nargs="+", metavar="PLAN", help="TensorRT engines (.plan with their .plan.json)")
-    ap.add_argument("--onnx", nargs="+", metavar="ONNX", help="ONNX files of any precision (ONNX Runtime)")
+    ap.add_argument("--engine", nargs="+", metavar="PLAN",
+                    help="TensorRT engines (ours with their .plan.json, or any engine, timed like trtexec)")
+    ap.add_argument("--onnx", nargs="+", metavar="ONNX",
+                    help="ONNX files of any precision (ONNX Runtime); any graph, ours or not")
     ap.add_argument("--checkpoint", nargs="+", metavar="CKPT", help="anything load_model reads (PyTorch)")
     ap.add_argument("--provider", nargs="+", default=["cpu"], choices=["auto", *PROVIDERS],
-                    help="ONNX Runtime execution provider(s)")
-    ap.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda")
-    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES), help="PyTorch (autocast)")
+                    help="ONNX Runtime execution provider(s); auto: the fastest installed")
+    ap.add_argument("--allow-fallback", action="store_true",
+                    help="ONNX Runtime: time on the provider the session got when it is not the one asked")
+    ap.add_argument("--device", default="auto",
+                    help="PyTorch device: auto, cpu, cuda, cuda:N (ONNX Runtime's GPU providers take N too)")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(TORCH_DTYPES),
+                    help="PyTorch (autocast); auto: bf16 where the device has it natively, fp16 on older GPUs")
     ap.add_argument("--mode", nargs="+", default=["eager"], choices=list(TORCH_MODES),
                     help="PyTorch: eager, torch.compile, or a captured CUDA graph")
     ap.add_argument("--deploy-copy", action="store_true",
@@ -43,6 +53,8 @@ def build_parser() -> Parser:
     ap.add_argument("--cuda-graph", action="store_true", help="TensorRT: launch the engine as a CUDA graph")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", help="network HxW (default: the artifact's static size; required for PyTorch)")
+    ap.add_argument("--shapes", metavar="NAME:DIMS,...",
+                    help="input shapes of a foreign graph or engine, trtexec's syntax: images:1x3x512x1024,scale:1")
     ap.add_argument("--frame-size", help="camera frame HxW for --e2e (default: the network size)")
     ap.add_argument("--e2e", action="store_true", help="also time predict() on frames, phase by phase")
     ap.add_argument("--warmup", default="5", help="warm-up calls per artifact, or seconds (2s)")
@@ -60,7 +72,8 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         targets.append(Target(Path(p).name, "engine", Path(p), {}))
     for p, prov in itertools.product(args.onnx or [], args.provider):
         label = Path(p).name + (f" [{prov}]" if len(args.provider) > 1 else "")
-        targets.append(Target(label, "onnx", Path(p), {"provider": prov}))
+        targets.append(Target(label, "onnx", Path(p), {"provider": prov, "allow_fallback": args.allow_fallback,
+                                                        "device": args.device}))
     for p, dt, mode in itertools.product(args.checkpoint or [], args.dtype, args.mode):
         tags = [x for x, many in ((dt, len(args.dtype) > 1), (mode, len(args.mode) > 1)) if many]
         label = Path(p).name + (f" [{', '.join(tags)}]" if tags else "")
@@ -80,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
     size = parse_size(args.size) if args.size else None
     frame_size = parse_size(args.frame_size, "--frame-size") if args.frame_size else None
     warmup, amount = parse_amount(args.warmup, "--warmup"), parse_amount(args.iterations, "--iterations")
+    shapes = parse_shapes(args.shapes)
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = build_targets(args)
@@ -91,11 +105,12 @@ def measure(args: argparse.Namespace) -> dict:
                              f"({', '.join(t.label for t in targets)})")
         baseline = matches[0]
     for t in targets:
-        prepare(t, args.batch, size, frame_size, args.e2e, args.threads, args.cuda_graph)
+        prepare(t, args.batch, size, frame_size, args.e2e, args.threads, args.cuda_graph, shapes=shapes)
     run_interleaved(targets, warmup, amount, args.rounds)
     settings = {"batch": args.batch, "size": args.size, "frame_size": args.frame_size, "e2e": args.e2e,
                 "warmup": args.warmup, "iterations": args.iterations, "rounds": args.rounds, "threads": args.threads,
-                "baseline": baseline, "cuda_graph": args.cuda_graph}
+                "baseline": baseline, "cuda_graph": args.cuda_graph, "shapes": args.shapes,
+                "allow_fallback": args.allow_fallback}
     return {"schema": SCHEMA, "settings": settings, "machine": machine(),
             "results": results(targets, args.batch, baseline)}
 
@@ -105,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     m = report["machine"]
     print(f"latency: {m['cpu']} ({m['cpu_count']} cores), GPU {m['gpu'] or 'none'}, torch {m['torch']}, "
           f"onnxruntime {m['onnxruntime']}, threads {report['settings']['threads'] or 'default'}")
+    for r in report["results"]:  # a foreign artifact's inputs, as trtexec lists them
+        if "inputs" in r:
+            print(f"{r['label']}: " + ", ".join(f"{name} {text}" for name, text in r["inputs"].items()))
     print(table(report["results"]))
     if args.json:
         write_json(Path(args.json), report)

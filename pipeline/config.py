@@ -54,7 +54,12 @@ class TrainConfig:
     power: float = 1.0  # poly decay exponent
     final_lr_ratio: float = 1 / 3  # the reference ends at 2e-5 from 6e-5
     grad_clip: float = 0.0  # max gradient norm; 0: off
-    amp: str = "auto"  # auto (bf16 on CUDA when supported, else off) | off | bf16 | fp16
+    # autocast of training, evaluation and the teacher's forward (pipeline/amp.py): auto takes bf16 where the hardware
+    # computes it natively (CUDA compute capability >= 8.0; a CPU with AVX512-BF16, AMX or Arm BF16), fp16 with a
+    # GradScaler on older GPUs, float32 on other CPUs | off: float32 | bf16: as asked (emulated, slow, on a CPU
+    # without it) | fp16: on CUDA, float32 on a CPU.
+    # A resumed run keeps the precision it started with.
+    amp: str = "auto"
     channels_last: bool = True  # on CUDA
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
@@ -103,6 +108,7 @@ class BenchConfig:
     threads: int = 0  # CPU threads for PyTorch and ONNX Runtime; 0: their default
     eval_frames: int = 0  # validation frames each artifact is scored on; 0: all
     cuda: str = "auto"  # auto: also time on the GPU when one is visible | off
+    allow_fallback: bool = False  # an ONNX row whose CUDA provider did not start runs on the CPU instead of skipped
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import amp
 from pipeline.data.classes import CITYSCAPES_LABEL_IDS, IGNORE_INDEX
 from pipeline.errors import ConfigError, InputError
 from pipeline.io import atomic_path, progress_interval
@@ -117,10 +118,9 @@ class EvalResult:
 def predict(model: nn.Module, image: torch.Tensor, size: tuple[int, int] | None = None,
             amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Class ids (N x H x W, int64): logits upsampled bilinearly (align_corners=False) to `size`, then argmax;
-    `size=None` keeps the logits' own resolution (1/4 of the input)."""
-    device = image.device
-    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with ctx:
+    `size=None` keeps the logits' own resolution (1/4 of the input). `amp_dtype`: the network under autocast in that
+    dtype (pipeline.amp's choice), the upsampling and argmax in float32."""
+    with amp.autocast(amp_dtype, image.device):
         logits = model(image)
     logits = logits.float()
     if size is not None and tuple(logits.shape[2:]) != tuple(size):

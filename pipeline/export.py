@@ -57,7 +57,10 @@ class DeployModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.input == "uint8":
-            x = x.flip(-1).permute(0, 3, 1, 2).float() * self.scale + self.shift  # BGR NHWC -> RGB NCHW
+            # Cast first, then BGR NHWC -> RGB NCHW: TensorRT restricts UINT8 tensors to network I/O and conversions
+            # to and from float (TensorRT operator reference, Cast and Identity; INT8/UINT8 outside Q/DQ), so the flip
+            # and the transpose run on float (exact for 0..255: the same numbers as before)
+            x = x.float().flip(-1).permute(0, 3, 1, 2) * self.scale + self.shift
         logits = self.model(x)
         if self.output == "logits":
             return logits

@@ -17,13 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import artifacts
+from pipeline.amp import choose
 from pipeline.artifacts import ENGINE_SUFFIXES, Metadata
 from pipeline.data.transforms import network_input
 from pipeline.errors import InputError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")  # each takes the nodes the one before it does not
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = ("auto", *DTYPES)  # auto: pipeline.amp.choose, bf16 only where the device computes it natively
 TORCH_MODES = ("eager", "compile", "cudagraph")
+TRT_CACHE = "trt_cache"  # beside the ONNX file: ONNX Runtime's TensorRT engine and timing caches
+ALLOW = "allow fallback to run it there (--allow-fallback, allow_fallback=True)"
 
 
 class Backend(Protocol):
@@ -40,38 +45,138 @@ class Backend(Protocol):
     def sync(self) -> None: ...
 
 
-def resolve_provider(provider: str) -> tuple[str, list[str]]:
-    """(provider, ONNX Runtime provider chain) for cpu, cuda, tensorrt or auto (the fastest one installed)."""
+def resolve_provider(provider: str, allow_fallback: bool = False) -> tuple[str, list[str]]:
+    """(the provider the session is to run on, our names of its chain) for cpu, cuda, tensorrt or auto (the fastest
+    one installed, never refused). An asked provider this ONNX Runtime lacks is refused in one line naming the one it
+    would get, unless `allow_fallback`: then the next installed one down the chain tensorrt -> cuda -> cpu. Two ONNX
+    Runtime distributions in one environment (onnxruntime and onnxruntime-gpu) are refused first (pipeline.deps)."""
+    from pipeline.deps import onnxruntime_problem
+
+    problem = onnxruntime_problem()
+    if problem:
+        raise InputError(problem)
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if provider == "auto":
-        provider = next((p for p in ("tensorrt", "cuda") if PROVIDERS[p] in available), "cpu")
-    if provider not in PROVIDERS:
+    if provider != "auto" and provider not in PROVIDERS:
         raise InputError(f"provider {provider!r}: expected auto, {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in available:
-        raise InputError(f"provider {provider}: ONNX Runtime {ort.__version__} here offers only "
-                         f"{', '.join(available)} (the GPU providers come with onnxruntime-gpu)")
-    order = ["tensorrt", "cuda", "cpu"]  # each falls back to the next for the nodes it does not take
-    return provider, [PROVIDERS[p] for p in order[order.index(provider):] if PROVIDERS[p] in available]
+    start = 0 if provider == "auto" else PROVIDER_ORDER.index(provider)
+    chain = [p for p in PROVIDER_ORDER[start:] if PROVIDERS[p] in available]
+    got = chain[0] if chain else "cpu"
+    if provider not in ("auto", got) and not allow_fallback:
+        raise InputError(f"provider {provider} asked, {got} got: ONNX Runtime {ort.__version__} here offers only "
+                         f"{', '.join(available)} (the GPU providers come with onnxruntime-gpu); {ALLOW}")
+    return got, chain
 
 
-def ort_session(path: str | Path, provider: str = "cpu", threads: int = 0):
+def session_provider(session) -> str:
+    """The provider an ONNX Runtime session actually runs on (its first registered one), in our names: ONNX Runtime
+    drops a GPU provider it cannot load (CUDA or TensorRT libraries missing) with no more than a log line."""
+    first = session.get_providers()[0]
+    return next((ours for ours, theirs in PROVIDERS.items() if theirs == first), first)
+
+
+def provider_options(chain: Sequence[str], *, device_id: int = 0, precision: str = "fp32",
+                     inputs: Sequence[tuple[str, Sequence[int | str | None]]] = (),
+                     shapes: dict[str, tuple[int, ...]] | None = None,
+                     cache_dir: str | Path | None = None) -> list[tuple[str, dict]]:
+    """ONNX Runtime's (provider, options) list for our chain, with the options ONNX Runtime documents
+    (execution-providers/TensorRT-ExecutionProvider and CUDA-ExecutionProvider pages): the GPU providers on
+    `device_id`; TensorRT with its engine cache and timing cache in `cache_dir` (saving the engine build on the
+    next session), FP16 kernels allowed for an FP16 graph and INT8 plus FP16 for a Q/DQ graph (ONNX Runtime's
+    provider drives TensorRT 10 weakly typed, where a builder flag, not the tensor types, lets a layer run in
+    reduced precision; Q/DQ graphs take INT8 mode with no calibration table), and for the dynamic `inputs` an
+    explicit profile min = opt = max = the shapes the caller will run (trtexec --shapes). The docs want all three
+    profile options for every dynamic input or none: an input missing from `shapes` leaves the profile to ONNX
+    Runtime, which derives it from the tensors it is given."""
+    out: list[tuple[str, dict]] = []
+    for p in chain:
+        opts: dict = {}
+        if p == "cuda":
+            opts = {"device_id": device_id}
+        elif p == "tensorrt":
+            opts = {"device_id": device_id, "trt_fp16_enable": precision in ("fp16", "int8"),
+                    "trt_int8_enable": precision == "int8"}
+            if cache_dir is not None:
+                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+            dynamic = [name for name, dims in inputs if any(not isinstance(d, int) or d < 0 for d in dims)]
+            if dynamic and all(name in (shapes or {}) for name in dynamic):
+                profile = ",".join(f"{name}:{'x'.join(map(str, (shapes or {})[name]))}" for name in dynamic)
+                opts.update(trt_profile_min_shapes=profile, trt_profile_opt_shapes=profile,
+                            trt_profile_max_shapes=profile)
+        out.append((PROVIDERS[p], opts))
+    return out
+
+
+def _tensorrt_settings(path: Path, shapes: dict[str, tuple[int, ...]] | None, cache_dir: str | Path | None) -> dict:
+    """provider_options' graph-dependent arguments for TensorRT: the graph's precision and inputs, the cache folder
+    (made here; `<onnx folder>/trt_cache` by default)."""
+    from pipeline.onnxinfo import inspect_onnx
+
+    info = inspect_onnx(path)
+    cache = Path(cache_dir) if cache_dir is not None else path.parent / TRT_CACHE
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{cache}: cannot make the TensorRT cache folder ({e.strerror or e}); give another "
+                         "cache_dir") from None
+    return {"precision": info.precision, "inputs": [(t.name, t.shape) for t in info.inputs], "shapes": shapes,
+            "cache_dir": cache}
+
+
+def ort_session(path: str | Path, provider: str = "cpu", threads: int = 0, *, allow_fallback: bool = False,
+                shapes: dict[str, tuple[int, ...]] | None = None, cache_dir: str | Path | None = None,
+                device_id: int = 0):
     """The one place an ONNX Runtime InferenceSession is made: every graph optimisation, errors-only logging (Q/DQ
     and FP16 graphs log a note per scale it cannot constant-fold and per kernel the CPU lacks, none of them
-    failures), `threads` intra-op threads (0: ONNX Runtime's default)."""
+    failures), `threads` intra-op threads (0: ONNX Runtime's default), the provider chain with its options
+    (provider_options; `shapes`: the input shapes the caller will run, for TensorRT's profile). A session that did
+    not get the provider asked for (`session_provider`) is refused in one line unless `allow_fallback`."""
     import onnxruntime as ort
 
-    _, chain = resolve_provider(provider)
+    path = Path(path)
+    _, chain = resolve_provider(provider, allow_fallback)
+    settings = _tensorrt_settings(path, shapes, cache_dir) if "tensorrt" in chain else {}
+    if "tensorrt" in chain:
+        _load_tensorrt_libraries()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), opts, providers=chain)
+        session = ort.InferenceSession(str(path), opts,
+                                       providers=provider_options(chain, device_id=device_id, **settings))
     except Exception as e:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
         raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+    ran = session_provider(session)
+    if provider not in ("auto", ran) and not allow_fallback:
+        raise InputError(f"{path}: provider {provider} asked, {ran} got: ONNX Runtime could not start "
+                         f"{PROVIDERS[provider]} (its CUDA or TensorRT libraries are missing or do not match); "
+                         f"{ALLOW}")
+    return session
+
+
+def _load_tensorrt_libraries() -> None:
+    """Load pip's TensorRT libraries into the process where the tensorrt package is installed: its import loads
+    libnvinfer.so.10 from the wheel's own folder, and the dynamic loader then resolves ONNX Runtime's TensorRT
+    provider's libnvinfer.so.10 to it by name (the wheel's folder is on no library path). The CUDA libraries come the
+    same way from torch, which this module imports (ONNX Runtime's CUDA provider page, "Compatibility with PyTorch")."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass  # TensorRT from the system (a container, JetPack) is on the library path already
+
+
+def cuda_index(device: str) -> int:
+    """N of a cuda:N device (0 for any other), for ONNX Runtime's GPU providers."""
+    head, _, index = device.partition(":")
+    if head == "cuda" and index:
+        if not index.isdigit():
+            raise InputError(f"device {device!r}: expected cuda:N with N a GPU index")
+        return int(index)
+    return 0
 
 
 def _fill_batch(x: np.ndarray, batch: int | None) -> np.ndarray:
@@ -90,8 +195,8 @@ class TorchBackend:
 
     def __init__(self, model, device: str = "auto", dtype: str = "fp32", mode: str = "eager",
                  outputs: Sequence[str] = ("logits",)) -> None:
-        if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise InputError(f"dtype {dtype!r}: expected one of {', '.join(TORCH_DTYPES)}")
         if mode not in TORCH_MODES:
             raise InputError(f"torch mode {mode!r}: expected one of {', '.join(TORCH_MODES)}")
         if device == "auto":
@@ -100,6 +205,8 @@ class TorchBackend:
             raise InputError(f"device {device!r}: no CUDA GPU is visible to PyTorch here")
         if mode == "cudagraph" and not device.startswith("cuda"):
             raise InputError("torch mode cudagraph: needs a CUDA device")
+        if dtype == "auto":  # the choice train.amp=auto makes on this device (pipeline/amp.py)
+            dtype = choose("auto", device).name
         self.device, self.dtype, self.mode, self.precision = device, DTYPES[dtype], mode, dtype
         self.outputs = list(outputs)
         self.model = model.to(device).eval()
@@ -118,26 +225,30 @@ class TorchBackend:
             return tuple(o.float() if o.is_floating_point() else o for o in out)
 
     def _capture(self, x: np.ndarray) -> None:
-        """One CUDA graph for this input shape: warm-up on a side stream, then capture (PyTorch's recipe)."""
-        self.static_in = torch.from_numpy(x).to(self.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._call(self.static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = self._call(self.static_in)
+        """One CUDA graph for this input shape, PyTorch's recipe (CUDA semantics, "CUDA Graphs"): warm-up on a side
+        stream, then capture, whose own side stream torch.cuda.graph provides. All of it under the backend's device,
+        so on cuda:1 the streams, the capture and the graph's memory pool are cuda:1's, not the current device's."""
+        with torch.cuda.device(self.device):
+            self.static_in = torch.from_numpy(x).to(self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._call(self.static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = self._call(self.static_in)
 
     def _outputs(self, x: np.ndarray) -> tuple[torch.Tensor, ...]:
         if self.mode != "cudagraph":
             return self._call(torch.from_numpy(x).to(self.device, non_blocking=True))
         if self.graph is None or tuple(self.static_in.shape) != x.shape:
             self._capture(x)
-        self.static_in.copy_(torch.from_numpy(x), non_blocking=True)
         assert self.graph is not None
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # the copy and the replay on the device's current stream
+            self.static_in.copy_(torch.from_numpy(x), non_blocking=True)
+            self.graph.replay()
         return self.static_out
 
     def run(self, x: np.ndarray) -> torch.Tensor:
@@ -149,7 +260,7 @@ class TorchBackend:
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
 
 class OrtBackend:
@@ -157,11 +268,15 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, provider: str = "auto", threads: int = 0) -> None:
-        self.provider, _ = resolve_provider(provider)
-        self.path = Path(path)
-        self.session = ort_session(path, self.provider, threads)
-        self.device = "cuda" if self.provider != "cpu" else "cpu"
+    def __init__(self, path: Path, provider: str = "auto", threads: int = 0, *, allow_fallback: bool = False,
+                 shapes: dict[str, tuple[int, ...]] | None = None, cache_dir: str | Path | None = None,
+                 device_id: int = 0) -> None:
+        """ort_session's provider handling: `provider` is what was asked, `self.provider` what the session got."""
+        self.path, self.asked = Path(path), provider
+        self.session = ort_session(path, provider, threads, allow_fallback=allow_fallback, shapes=shapes,
+                                   cache_dir=cache_dir, device_id=device_id)
+        self.provider = session_provider(self.session)
+        self.device = "cpu" if self.provider == "cpu" else f"cuda:{device_id}" if device_id else "cuda"
         (inp,), outs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.outputs = inp.name, [o.name for o in outs]
         self.output_name = self.outputs[0]
@@ -255,11 +370,16 @@ class Segmenter:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", provider: str = "auto", threads: int = 0,
              dtype: str = "fp32", mode: str = "eager", deploy: bool = False,
-             size: tuple[int, int] | None = None, default_size: tuple[int, int] | None = None) -> Segmenter:
-        """Picks the backend from the file: `.plan`/`.engine` TensorRT, `.onnx` ONNX Runtime (`provider`), anything
+             size: tuple[int, int] | None = None, default_size: tuple[int, int] | None = None,
+             allow_fallback: bool = False, shapes: dict[str, tuple[int, ...]] | None = None,
+             trt_cache: str | Path | None = None) -> Segmenter:
+        """Picks the backend from the file: `.plan`/`.engine` TensorRT, `.onnx` ONNX Runtime (`provider`, refused
+        when the session does not get it unless `allow_fallback`; on the GPU of a `device` cuda:N; `shapes` the input
+        shapes it will run and `trt_cache` the cache folder, for the TensorRT provider: OrtBackend), anything
         else `load_model` reads (our safetensors, Hugging Face, NVlabs, mmseg) PyTorch on `device` in `dtype`
-        (autocast), `mode` eager, compile (torch.compile) or cudagraph; `deploy` runs the reparameterised copy the
-        export traces (`deploy_copy`: folded decode head, Mix-FFN as convs; off: the model as trained).
+        (autocast; auto: pipeline.amp's choice for the device), `mode` eager, compile (torch.compile) or cudagraph;
+        `deploy` runs the reparameterised copy the export traces (`deploy_copy`: folded decode head, Mix-FFN as
+        convs; off: the model as trained).
         `size` fixes the network resolution where the artifact does not (PyTorch, dynamic ONNX) and must equal a
         static graph's; `default_size` is used only where the artifact fixes none. An ONNX file with a sidecar
         beside it must be the file that sidecar describes (sidecar_record)."""
@@ -274,7 +394,9 @@ class Segmenter:
             meta = onnx_record(path)
             if side is not None:
                 _same_record(side, meta, path)
-            return cls(OrtBackend(path, provider, threads), meta, path, size, default_size)
+            ort = OrtBackend(path, provider, threads, allow_fallback=allow_fallback, shapes=shapes,
+                             cache_dir=trt_cache, device_id=cuda_index(device))
+            return cls(ort, meta, path, size, default_size)
         from pipeline.models import deploy_copy, load_model
         from pipeline.models.checkpoints import checkpoint_metadata
 
@@ -378,6 +500,7 @@ class Segmenter:
                 "input": c.input, "output": c.output, "size": list(self.size) if self.size else None,
                 "batch": c.batch, "variant": self.meta.variant,
                 **({"provider": b.provider} if isinstance(b, OrtBackend) else {}),
+                **({"provider_asked": b.asked} if isinstance(b, OrtBackend) and b.asked != b.provider else {}),
                 **({"mode": b.mode} if isinstance(b, TorchBackend) else {})}
 
 
@@ -434,4 +557,4 @@ def _same_record(side: Metadata, carried: Metadata, path: Path) -> None:
 
 
 __all__ = ["Backend", "OrtBackend", "Segmenter", "TorchBackend", "TrtBackend", "onnx_record", "ort_session",
-           "sidecar_record"]
+           "provider_options", "resolve_provider", "session_provider", "sidecar_record"]

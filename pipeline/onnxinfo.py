@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:
@@ -55,6 +57,62 @@ def parse_shapes(text: str | None) -> dict[str, Shape]:
             raise InputError(f"shape {item.strip()!r}: " + ("dims must be >= 1" if min(dims) < 1 else "given twice"))
         shapes[name] = dims
     return shapes
+
+
+def resolve_shapes(inputs: Sequence[tuple[str, Sequence[int | str | None]]], shapes: dict[str, Shape],
+                   batch: int = 1, size: tuple[int, int] | None = None, where: str = "") -> dict[str, Shape]:
+    """The concrete shape of every input of a graph or engine whose declared dims may be dynamic (a str, None or a
+    negative int, as ONNX and TensorRT report them), the way trtexec takes them: an explicit `shapes` entry
+    (`--shapes name:1x3x512x1024`) wins and must keep the input's rank and static dims; otherwise a dynamic dim 0 is
+    `batch`, and in a 4-D image input (N x 3 x H x W, or N x H x W x 3) dynamic H and W are `size`. Any other dynamic
+    dim, or an H x W with no `size`, is one line naming the input and how to give it."""
+    where = f"{where}: " if where else ""
+    names = [name for name, _ in inputs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise InputError(f"{where}--shapes names {', '.join(map(repr, unknown))}, but the inputs are "
+                         f"{', '.join(map(repr, names))}")
+    resolved: dict[str, Shape] = {}
+    for name, declared_dims in inputs:
+        dims: list[int | None] = [None if isinstance(d, str) or d is None or d < 0 else int(d)
+                                  for d in declared_dims]
+        declared = "x".join(str(d) if d is not None else "?" for d in dims)
+        if name in shapes:
+            asked = shapes[name]
+            if len(asked) != len(dims) or any(d is not None and d != a for d, a in zip(dims, asked)):
+                raise InputError(f"{where}--shapes {name}:{fmt(asked)} does not fit the input's {declared}")
+            resolved[name] = tuple(asked)
+            continue
+        hw: tuple[int, int] | tuple[()] = ()
+        if len(dims) == 4:
+            hw = (1, 2) if dims[3] == 3 and dims[1] != 3 else (2, 3)
+        out: list[int] = []
+        for i, d in enumerate(dims):
+            if d is not None:
+                out.append(d)
+            elif i == 0:
+                out.append(batch)
+            elif i in hw and size is not None:
+                out.append(size[hw.index(i)])
+            else:
+                need = "--size HxW" if i in hw else f"--shapes {name}:" + "x".join(
+                    str(x) if x is not None else "N" for x in dims)
+                raise InputError(f"{where}input {name!r} ({declared}) has a dynamic dim {i}: give {need}")
+        resolved[name] = tuple(out)
+    return resolved
+
+
+def random_array(dtype: np.dtype, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Random data of one numpy dtype, for timing a network that is not ours (ONNX in pipeline/timing.py, engines in
+    trt/engine.py):
+    floats ~ N(0, 1), bool half true, uint8 over 0..255 and int8 over -128..127 (image bytes), other integers in
+    0..3 (indices into small tables and counts stay in range)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    lo, hi = {"uint8": (0, 256), "int8": (-128, 128)}.get(dtype.name, (0, 4))
+    return rng.integers(lo, hi, shape).astype(dtype)
 
 
 def onnx_precision(model: onnx.ModelProto) -> str:
@@ -111,4 +169,4 @@ def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
 
 
 __all__ = ["OnnxInfo", "Shape", "Tensor", "fmt", "graph_inputs", "inspect_onnx", "onnx_precision", "parse_shapes",
-           "tensor_of"]
+           "random_array", "resolve_shapes", "tensor_of"]

@@ -20,16 +20,26 @@ ENGINES = tuple(run_file(k) for k in kinds("tensorrt"))
 FP32_ONNX = run_file("onnx")  # the exported graph the ONNX and engine rows are counted from (decode head folded)
 
 
-def _targets(run_dir: Path, device: str) -> list[Target]:
+def torch_dtype(cfg: Config, device: str) -> str:
+    """The precision the PyTorch rows run in, timed and scored alike: fp16 on a GPU (what TensorRT's FP16 plan is
+    compared with); on the CPU the autocast `train.amp` picks there (pipeline.amp: bf16 where the CPU has it
+    natively, else float32; `train.amp=off` keeps float32)."""
+    from pipeline import amp
+
+    return "fp16" if device != "cpu" else amp.choose(cfg.train.amp, "cpu").name
+
+
+def _targets(cfg: Config, run_dir: Path, device: str) -> list[Target]:
     """What runs on `device`: the PyTorch checkpoints, the ONNX files (ONNX Runtime CPU on "cpu", its CUDA
     provider on "cuda" where installed) and, on "cuda", the TensorRT engines."""
     import onnxruntime as ort
 
-    out = [Target(n, "checkpoint", run_dir / n, {"device": device, "dtype": "fp32" if device == "cpu" else "fp16"})
+    out = [Target(n, "checkpoint", run_dir / n, {"device": device, "dtype": torch_dtype(cfg, device)})
            for n in CHECKPOINTS if (run_dir / n).is_file()]
     provider = "cpu" if device == "cpu" else "cuda"
     if provider == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers():
-        out += [Target(n, "onnx", run_dir / n, {"provider": provider}) for n in ONNX if (run_dir / n).is_file()]
+        out += [Target(n, "onnx", run_dir / n, {"provider": provider, "allow_fallback": cfg.bench.allow_fallback})
+                for n in ONNX if (run_dir / n).is_file()]
     if device == "cuda":
         out += [Target(n, "engine", run_dir / n, {}) for n in ENGINES if (run_dir / n).is_file()]
     return out
@@ -57,7 +67,7 @@ def _time(cfg: Config, run_dir: Path, devices: list[str], size: tuple[int, int],
     rows: list[dict] = []
     for device in devices:
         targets = []
-        for t in _targets(run_dir, device):
+        for t in _targets(cfg, run_dir, device):
             try:
                 prepare(t, b.batch, size, None, False, b.threads, False)
             except PipelineError as e:  # e.g. a static graph at another size, an engine for another GPU
@@ -84,7 +94,8 @@ def _score(cfg: Config, run_dir: Path, val, timed: set[str], device: str) -> dic
             continue
         log.info("bench: scoring %s on %d %s frames", name, frames, val.split)
         # PyTorch and dynamic graphs are scored at the resolution the run evaluates at
-        seg = Segmenter.open(run_dir / name, device=device, default_size=tuple(cfg.data.size))
+        seg = Segmenter.open(run_dir / name, device=device, dtype=torch_dtype(cfg, device),
+                             default_size=tuple(cfg.data.size))
         res = score(seg, val, cfg.bench.eval_frames, progress=True)
         miou[name] = {"miou": res.miou, "pixel_accuracy": res.pixel_acc}
     return miou

@@ -135,6 +135,7 @@ def _training_rows(result: dict) -> list[Row]:
 def run_eval(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     from torch.utils.data import DataLoader, Subset
 
+    from pipeline import amp
     from pipeline.evaluate import evaluate, write_cityscapes
     from pipeline.models import load_model
 
@@ -144,25 +145,29 @@ def run_eval(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     if model.config.num_classes != val.num_classes:
         raise ConfigError(f"{path}: predicts {model.config.num_classes} classes, {val.name} has {val.num_classes}")
     quarter = bool(getattr(args, "quarter_res", False))
+    precision = amp.choose(cfg.train.amp, env.device)  # the precision training evaluates in, by the same choice
+    log.info("eval: %s on %s (%s)", "float32" if precision.dtype is None else f"{precision.name} autocast",
+             env.device, precision.reason)
     # every process scores its own shard; evaluate() sums the confusion matrices
     shard = Subset(val, range(env.rank, len(val), env.world))
     loader = DataLoader(shard, batch_size=1, num_workers=cfg.data.workers)
     result = evaluate(model, loader, device=env.device, num_classes=val.num_classes, classes=val.classes,
-                      quarter_res=quarter, progress=env.main)
+                      quarter_res=quarter, amp_dtype=precision.dtype, progress=env.main)
     out = {"checkpoint": str(path), "dataset": cfg.data.dataset, "split": cfg.data.val_split,
            "samples": len(val), "resolution": "1/4 of the input (reference shortcut)" if quarter else "full label",
-           **result.to_dict()}
+           "amp": precision.record(cfg.train.amp, env.device), **result.to_dict()}
     if env.main:
         print(result.table(val.classes))
         write_json(run_dir / "eval.json", out)
     if getattr(args, "write_cityscapes", None):
-        files = write_cityscapes(model, loader, Path(args.write_cityscapes), device=env.device, progress=env.main)
+        files = write_cityscapes(model, loader, Path(args.write_cityscapes), device=env.device,
+                                 amp_dtype=precision.dtype, progress=env.main)
         log.info("wrote %d Cityscapes-format predictions to %s", len(files), args.write_cityscapes)
-    return {"checkpoint": str(path), "miou": result.miou}
+    return {"checkpoint": str(path), "miou": result.miou, "amp": precision.name}
 
 
 def _eval_rows(result: dict) -> list[Row]:
-    return [("eval.json", f"mIoU {100 * result['miou']:.2f} % of {result['checkpoint']}")]
+    return [("eval.json", f"mIoU {100 * result['miou']:.2f} % of {result['checkpoint']} ({result.get('amp', 'fp32')})")]
 
 
 # ------------------------------------------------------------------------------------------------ export

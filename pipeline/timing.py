@@ -5,6 +5,9 @@ measured on the same machine state. "compute" is the network alone on a prepared
 around execute_async_v3 or a CUDA graph launch, trt/timing.py); `e2e` also times a whole `predict` on camera
 frames, with preprocessing, host<->device copies (TensorRT) and postprocessing reported separately. Statistics:
 mean, std, min, p50, p90, p95, p99, max (linear-interpolated percentiles, numpy's default), throughput = batch / mean.
+An artifact this pipeline did not make (an ONNX file without our record, an engine without its sidecar) is timed the
+way trtexec times one: input names, shapes and dtypes from the graph or engine, the dynamic dims from --shapes or
+--batch / --size, seeded random input, the network alone.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.onnxinfo import random_array
+
+if TYPE_CHECKING:
+    from pipeline.onnxinfo import Tensor
 
 SCHEMA = "transkd-latency/1"
 STATS = ("mean", "std", "min", "p50", "p90", "p95", "p99", "max")
@@ -87,17 +95,40 @@ def _check_engine(path: Path, batch: int, size: tuple[int, int] | None) -> None:
     check_shape(meta, (batch, *hw, 3) if nhwc else (batch, 3, *hw))
 
 
+def foreign(path: Path, kind: str) -> bool:
+    """An artifact this pipeline did not make, timed the way trtexec times it: an ONNX file without our record in its
+    metadata, an engine without its `<plan>.json` sidecar. A missing file is not foreign: the artifact's own path
+    refuses it."""
+    from pipeline.artifacts import ONNX_KEY, sidecar_path
+    from pipeline.onnxinfo import inspect_onnx
+
+    if not path.is_file():
+        return False
+    if kind == "onnx":
+        return ONNX_KEY not in inspect_onnx(path).metadata
+    return kind == "engine" and not sidecar_path(path).is_file()
+
+
 def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tuple[int, int] | None, e2e: bool,
-            threads: int, cuda_graph: bool) -> None:
-    """Open the artifact, check the shape against it, and build the timed step."""
+            threads: int, cuda_graph: bool, *, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Open the artifact, check the shape against it, and build the timed step. An artifact with our record goes
+    through Segmenter (its contract); a foreign one (`foreign`) is timed on random input of the shapes its inputs
+    take (`shapes`, trtexec's --shapes, else --batch and --size for the dynamic dims: onnxinfo.resolve_shapes)."""
     from pipeline.infer import Segmenter
 
     o = t.options
+    if foreign(t.path, t.kind):
+        _prepare_foreign(t, batch, size, e2e, threads, cuda_graph, shapes or {})
+        return
+    if shapes:
+        raise InputError(f"{t.path}: --shapes is for graphs and engines without this pipeline's record; this one "
+                         "has its contract: give --batch and --size")
     if t.kind == "engine":
         _check_engine(t.path, batch, size)
     seg = Segmenter.open(t.path, device=o.get("device", "auto"), provider=o.get("provider", "auto"), threads=threads,
                          dtype=o.get("dtype", "fp32"), mode=o.get("mode", "eager"), deploy=o.get("deploy", False),
-                         size=size)
+                         size=size, allow_fallback=o.get("allow_fallback", False),
+                         shapes=_run_shapes(t.path, batch, size) if t.kind == "onnx" else None)
     c = seg.contract
     if c.batch is not None and c.batch != batch:
         raise InputError(f"{t.path}: the network is fixed at batch {c.batch}, --batch {batch} asked")
@@ -113,6 +144,114 @@ def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tup
         t.step = _engine_step(seg, frames, e2e, cuda_graph)
     else:
         t.step = _host_step(seg, frames, e2e)
+
+
+def _run_shapes(path: Path, batch: int, size: tuple[int, int] | None) -> dict[str, tuple[int, ...]] | None:
+    """The input shapes one of our graphs will be timed at (for the TensorRT provider's profile), or None where
+    they are not known yet: a dynamic H x W with no --size, which Segmenter's checks then name."""
+    from pipeline.onnxinfo import inspect_onnx, resolve_shapes
+
+    if not path.is_file():
+        return None
+    try:
+        return resolve_shapes([(i.name, i.shape) for i in inspect_onnx(path).inputs], {}, batch, size)
+    except InputError:
+        return None
+
+
+RANDOM_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                 "uint64", "bool")
+
+
+def random_inputs(inputs: Sequence[Tensor], shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                  where: str = "") -> dict[str, np.ndarray]:
+    """Seeded random input for every graph input at its resolved shape, in its dtype: floats ~ N(0, 1), uint8 over
+    0..255 (an image), other integers in 0..3 (indices into small tables and counts stay in range), bool half true.
+    A dtype numpy and ONNX Runtime cannot both hold (bfloat16, float8, string) is one line naming the input."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for t in inputs:
+        if t.dtype not in RANDOM_DTYPES:
+            raise InputError(f"{where}: input {t.name!r} is {t.dtype}: no random input of that type (timed types: "
+                             f"{', '.join(RANDOM_DTYPES)})")
+        feed[t.name] = random_array(np.dtype(t.dtype), shapes[t.name], rng)
+    return feed
+
+
+def _hw(shape: Sequence[int]) -> str:
+    """"HxW" of a 4-D image shape (N x 3 x H x W, or N x H x W x 3 as resolve_shapes reads it), else "-"."""
+    if len(shape) != 4:
+        return "-"
+    h, w = (shape[1], shape[2]) if shape[3] == 3 and shape[1] != 3 else (shape[2], shape[3])
+    return f"{h}x{w}"
+
+
+def _prepare_foreign(t: Target, batch: int, size: tuple[int, int] | None, e2e: bool, threads: int,
+                     cuda_graph: bool, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A graph or engine without our record: its inputs from the graph (or engine), random data, the network alone."""
+    if t.kind == "engine":
+        _prepare_foreign_engine(t, batch, size, e2e, cuda_graph, shapes)
+        return
+    from pipeline.infer import cuda_index, ort_session, session_provider
+    from pipeline.onnxinfo import fmt, inspect_onnx, resolve_shapes
+
+    if e2e:
+        raise InputError(f"{t.path}: --e2e times predict() on camera frames, which needs the contract of a graph "
+                         "this pipeline exported; this one has none (time it without --e2e)")
+    o, info = t.options, inspect_onnx(t.path)
+    run = resolve_shapes([(i.name, i.shape) for i in info.inputs], shapes, batch, size, str(t.path))
+    feed = random_inputs(info.inputs, run, where=str(t.path))
+    device_id = cuda_index(o.get("device", "auto"))
+    asked = o.get("provider", "auto")
+    session = ort_session(t.path, asked, threads, allow_fallback=o.get("allow_fallback", False), shapes=run,
+                          device_id=device_id)
+    provider = session_provider(session)
+    first = run[info.inputs[0].name] if info.inputs else ()
+    t.info = {"artifact": str(t.path), "backend": "onnxruntime", "provider": provider,
+              **({"provider_asked": asked} if asked != provider else {}),
+              "device": "cpu" if provider == "cpu" else f"cuda:{device_id}" if device_id else "cuda",
+              "precision": info.precision, "batch": first[0] if first else 1, "size": _hw(first), "foreign": True,
+              "inputs": {i.name: f"{fmt(run[i.name])} {i.dtype}" for i in info.inputs},  # as trt.runtime.describe_io
+              "outputs": {i.name: f"{fmt(i.shape)} {i.dtype}" for i in info.outputs}}
+    t.step = _session_step(t.path, session, feed, "cpu" if provider == "cpu" else "cuda", device_id)
+
+
+def _session_step(path: Path, session, feed: dict[str, np.ndarray], device: str, device_id: int) -> Step:
+    """ONNX Runtime on inputs bound once where the provider computes (host memory, or the GPU's), outputs left on
+    that device: the network alone, as trtexec's GPU compute time; ONNX Runtime synchronises its providers before
+    run_with_iobinding returns."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, x in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, device, device_id))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device, device_id)
+
+    def step(n: int) -> dict[str, list[float]]:
+        ms = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                session.run_with_iobinding(binding)
+            except Exception as e:  # ORT's own types: one line naming the file
+                first = (str(e).strip() or type(e).__name__).splitlines()[0]
+                raise InputError(f"{path}: ONNX Runtime cannot run it on the random input ({first})") from None
+            ms.append((time.perf_counter() - t0) * 1e3)
+        return {"compute": ms}
+
+    return step
+
+
+def _prepare_foreign_engine(t: Target, batch: int, size: tuple[int, int] | None, e2e: bool, cuda_graph: bool,
+                            shapes: dict[str, tuple[int, ...]]) -> None:
+    """An engine with no sidecar: trt/timing.py reads its inputs from the engine and times it (GPU machines only)."""
+    try:
+        from trt.timing import foreign_engine_step
+    except ImportError as e:
+        raise InputError(f"{t.path}: timing an engine needs TensorRT's runtime ({str(e).splitlines()[0]})") from None
+    info, t.step = foreign_engine_step(t.path, shapes, batch, size, cuda_graph, e2e, seed=0)
+    t.info = {"artifact": str(t.path), **info, "frame_size": info["size"], "cuda_graph": cuda_graph, "foreign": True}
 
 
 def _predict_phases(seg, frames: list[np.ndarray]) -> Step:
@@ -229,8 +368,8 @@ def machine() -> dict:
 def results(targets: Sequence[Target], batch: int, baseline: str | None) -> list[dict]:
     rows = []
     for t in targets:
-        rows.append({"label": t.label, **t.info,
-                     **{phase: summarize(v, batch) for phase, v in t.samples.items()}})
+        per = t.info.get("batch", batch)  # a foreign graph's own batch, where --shapes set it
+        rows.append({"label": t.label, **t.info, **{phase: summarize(v, per) for phase, v in t.samples.items()}})
     if baseline is not None:
         base = next(r for r in rows if r["label"] == baseline)
         for r in rows:  # > 1: faster than the baseline; medians, robust to the odd slow call
@@ -263,5 +402,5 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SCHEMA", "STATS", "Target", "machine", "parse_amount", "prepare", "results", "run_interleaved",
-           "summarize", "table"]
+__all__ = ["SCHEMA", "STATS", "Target", "foreign", "machine", "parse_amount", "prepare", "random_inputs", "results",
+           "run_interleaved", "summarize", "table"]

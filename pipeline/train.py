@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
+from pipeline import amp
 from pipeline.artifacts import run_file
 from pipeline.config import Config, keys
 from pipeline.distill.methods import DistillMethod
@@ -56,19 +57,44 @@ class DistEnv:
             dist.barrier()
 
 
+@dataclass(frozen=True)
+class DistPlan:
+    """How this process joins the run: the device it works on, and the process-group backend (None for a single
+    process) with the keywords of init_process_group."""
+
+    device: torch.device
+    backend: str | None
+    init_kwargs: dict
+
+
+def dist_plan(world: int, local_rank: int, use_cuda: bool, cuda_devices: int = 0) -> DistPlan:
+    """The plan for rank `local_rank` on its machine: gloo on the CPU; on CUDA, NCCL bound to the process's GPU.
+
+    `device_id` binds the process group to that GPU, so NCCL forms its communicator there at once instead of
+    guessing the device at the first collective (PyTorch docs, torch.distributed.init_process_group, device_id;
+    available since PyTorch 2.3)."""
+    if not use_cuda:
+        return DistPlan(torch.device("cpu"), "gloo" if world > 1 else None, {})
+    if not 0 <= local_rank < cuda_devices:
+        raise ConfigError(f"LOCAL_RANK={local_rank}: this machine shows {cuda_devices} CUDA device(s); start at most "
+                          f"{cuda_devices} processes per machine (torchrun --nproc-per-node)")
+    device = torch.device("cuda", local_rank)
+    return DistPlan(device, "nccl" if world > 1 else None, {"device_id": device} if world > 1 else {})
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda: no CUDA device is available")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    plan = dist_plan(world, int(os.environ.get("LOCAL_RANK", "0")), use_cuda,
+                     torch.cuda.device_count() if use_cuda else 0)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)  # first: NCCL and every later CUDA call of this process use this GPU
+    if plan.backend and not dist.is_initialized():
+        dist.init_process_group(plan.backend, **plan.init_kwargs)
     rank = dist.get_rank() if world > 1 else 0
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return DistEnv(rank, world, torch.device("cuda", local))
-    return DistEnv(rank, world, torch.device("cpu"))
+    return DistEnv(rank, world, plan.device)
 
 
 def derived_seed(*parts) -> int:
@@ -132,14 +158,34 @@ class _Objective(nn.Module):
         return self.method.loss(self.student.features(x), teacher_taps, y)
 
 
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "off" or device.type != "cuda":
-        if setting in ("bf16", "fp16") and device.type != "cuda":
-            log.info("train.amp=%s applies on CUDA only; training in float32 on %s", setting, device)
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if setting == "bf16" else torch.float16
+def resumed_precision(state: dict, setting: str, device: torch.device, current: amp.Choice) -> amp.Choice:
+    """The precision a resumed run continues in: the one its state records (a state written before the choice was
+    recorded: the one the trainer of that time took, read from the state), so that a resumption on a machine where
+    `train.amp` would resolve otherwise computes what the run started with. TrainingError where this device cannot."""
+    record = state.get("amp")
+    way_out = "train.resume=never starts it over, or use a new --run-dir"
+    if record is not None:
+        if not isinstance(record, dict) or record.get("dtype") not in amp.NAMES.values():
+            raise TrainingError(f"the state's amp record {record!r} names no precision (expected a dtype of "
+                                f"{', '.join(amp.NAMES.values())}); {way_out}")
+        name, started = record["dtype"], f"{record['dtype']} ({record.get('reason', 'recorded')})"
+    else:  # that trainer: autocast on CUDA only; auto took bf16 unless a GradScaler was running
+        on_cuda = "cuda" in state.get("rng", {})
+        scaled = bool(state.get("scaler"))
+        name = "fp32" if not on_cuda or setting == "off" else "fp16" if scaled else "bf16"
+        started = f"{name} (a state from before the choice was recorded)"
+    if name == current.name:
+        return current
+    dtype = {v: k for k, v in amp.NAMES.items()}[name]
+    if name == "fp16" and device.type != "cuda":
+        raise TrainingError(f"the run started in {started} with a GradScaler; fp16 autocast runs on CUDA only, so it "
+                            f"cannot continue on {device}: resume it on a CUDA device; {way_out}")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"the run started in {started}; {device} cannot run bf16: resume it on a device that can; "
+                            f"{way_out}")
+    log.warning("train.amp=%s would take %s here (%s); the run started in %s and continues in it", setting,
+                current.name, current.reason, started)
+    return amp.Choice(dtype, f"resumed: the run started in {started}")
 
 
 def place(modules: list[nn.Module | None], device: torch.device, channels_last: bool) -> None:
@@ -278,7 +324,7 @@ class Trainer:
         self.global_batch = t.batch_size * t.accumulate * env.world
         self.student, self.method = student, method
         place([student, method.modules, method.teacher], env.device, t.channels_last)
-        self.amp = amp_dtype(t.amp, env.device)
+        self.precision = amp.choose(t.amp, env.device)  # resume() may replace it by the one the run started with
         self.objective: nn.Module = _Objective(student, method)
         if env.world > 1:
             # CSF keeps two squeeze convs and uses one per batch size; zero-weight terms leave modules idle
@@ -288,7 +334,7 @@ class Trainer:
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp == torch.float16)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision.scaler)
         self.train_set, self.val_set = train_set, val_set
         self.ckpt = Checkpointer(run_dir, role, t.keep_checkpoints, config_view(cfg, role))
         self.metrics: MetricsLog | None = None  # opened by fit
@@ -311,7 +357,8 @@ class Trainer:
             "step": step, "best_miou": self.best,
             "model": self.student.state_dict(), "modules": self.method.modules.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng_state(self.env.device.type == "cuda"),
+            "scaler": self.scaler.state_dict(), "amp": self.precision.record(self.t.amp, self.env.device),
+            "rng": rng_state(self.env.device.type == "cuda"),
             "data": {"position": step * self.global_batch, "samples": len(self.train_set)},
         }
 
@@ -324,6 +371,13 @@ class Trainer:
         self.method.modules.load_state_dict(state["modules"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        try:
+            precision = resumed_precision(state, self.t.amp, self.env.device, self.precision)
+        except TrainingError as e:
+            raise TrainingError(f"{self.ckpt.last}.json: {e}") from None
+        if precision.dtype != self.precision.dtype:
+            self.precision = precision
+            self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=precision.scaler)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.env.device.type == "cuda")
         self.start, self.best = state["step"], state["best_miou"]
@@ -345,9 +399,7 @@ class Trainer:
         return x, y
 
     def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp)
+        return amp.autocast(self.precision, self.env.device)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> None:
         for name, value in losses.items():
@@ -391,7 +443,7 @@ class Trainer:
         shard = Subset(self.val_set, range(self.env.rank, len(self.val_set), self.env.world))
         loader = DataLoader(shard, batch_size=1, num_workers=self.cfg.data.workers)
         result = evaluate(self.student, loader, device=self.env.device, num_classes=self.student.config.num_classes,
-                          classes=self.student.meta.classes, amp_dtype=self.amp, progress=False)
+                          classes=self.student.meta.classes, amp_dtype=self.precision.dtype, progress=False)
         if self.env.main:
             self.metrics.validation(step, result.miou, result.pixel_acc)
             if result.miou > self.best:
@@ -408,6 +460,9 @@ class Trainer:
         """Train to `steps`, resuming first when allowed; returns the run summary."""
         self.resume()
         env, t = self.env, self.t
+        log.info("%s: %s on %s (%s)", self.role,
+                 "float32" if self.precision.dtype is None else f"{self.precision.name} autocast", env.device,
+                 self.precision.reason)
         self.metrics = MetricsLog(self.role, self.run_dir, self.steps, self.start, t.log_every, env.main)
         self.student.train()
         self.method.modules.train()
@@ -432,6 +487,7 @@ class Trainer:
             log.info("%s: already trained to step %d in %s", self.role, self.steps, self.ckpt.folder)
         summary = {"role": self.role, "method": self.method.name, "steps": self.steps, "resumed_from": self.start,
                    "global_batch": self.global_batch, "best_val_miou": self.best,
+                   "amp": self.precision.record(t.amp, env.device),
                    "images_per_s": seen / max(time.perf_counter() - t0, 1e-9) if seen else None,
                    "final_losses": terms if self.start < self.steps else None}
         if env.main:

@@ -150,7 +150,8 @@ def test_the_package_declares_its_console_scripts_and_packages():
     dynamic = setuptools["dynamic"]
     assert dynamic["dependencies"]["file"] == ["requirements.txt", "requirements-quant.txt"]
     assert dynamic["optional-dependencies"]["dev"]["file"] == ["requirements-dev.txt"]
-    for name in ("requirements.txt", "requirements-quant.txt", "requirements-dev.txt", "requirements-gpu.txt"):
+    extras = [f for extra in dynamic["optional-dependencies"].values() for f in extra["file"]]
+    for name in [*dynamic["dependencies"]["file"], *extras]:
         lines = [x.strip() for x in (ROOT / name).read_text().splitlines()]
         assert not [x for x in lines if x.startswith("-")], f"{name}: setuptools reads no pip options"
     torch_lines = [x for x in (ROOT / "requirements.txt").read_text().splitlines() if x.startswith("torch")]

@@ -96,6 +96,39 @@ def test_losses_vanish_where_their_definition_implies_it():
     assert hcl_loss(maps, [m + 0.1 * torch.randn_like(m) for m in maps]) > 0
 
 
+def test_the_losses_compute_in_float32_from_bf16_taps():
+    """Under bf16 autocast every loss is the float32 loss of its taps cast up: CPU autocast would otherwise resample,
+    pool and take the softmax in bf16."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(2, 19, *hw, generator=g).bfloat16() for hw in ((16, 24), (32, 48)))
+    maps = [torch.randn(2, 64, 16, 16, generator=g).bfloat16() for _ in range(2)]
+    labels = torch.randint(0, 19, (2, 64, 96), generator=g)
+    losses = {"kd": lambda f: kd_loss(f(s), f(t), 4.0), "cwd": lambda f: cwd_loss(f(s), f(t), 4.0),
+              "ce": lambda f: ce_loss(f(s), labels), "hcl": lambda f: hcl_loss([f(maps[0])], [f(maps[1])])}
+    for name, loss in losses.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss(lambda x: x)
+        want = loss(torch.Tensor.float)
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+
+
+def test_under_bf16_autocast_the_teacher_runs_in_bf16_and_every_term_is_float32(b2_b0):
+    teacher, student = b2_b0
+    x, y = batch()
+    for name in DISTILLING:
+        method = build_method(name, teacher, student, **({"cwd_on": "maps"} if name == "cwd" else {}))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            taps = method.teacher_features(x)
+            losses = method.loss(student.features(x), taps, y)
+        assert {t.dtype for t in [taps.logits, *taps.maps]} == {torch.bfloat16}, name
+        assert not any(t.requires_grad for t in [taps.logits, *taps.maps, *taps.embeddings]), name
+        assert {v.dtype for v in losses.values()} == {torch.float32}, name
+        losses["total"].backward()
+        grad = student.encoder.stages[0].embed.proj.weight.grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        student.zero_grad()
+
+
 def test_hcl_pools_only_levels_smaller_than_the_map():
     s, t = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
     # a constant offset of 1 gives MSE 1 at every level, so the weighted average is 1 whatever levels are used

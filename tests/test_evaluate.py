@@ -99,6 +99,20 @@ def test_evaluate_scores_logits_upsampled_to_the_full_label_resolution(data):
     assert model.training is False
 
 
+def test_evaluate_runs_the_network_in_the_autocast_dtype_and_scores_as_float32_does(data):
+    val = build_dataset("synthetic", data, "val", EvalTransform(size=(64, 128)))
+    model = spread_student(seed=1)
+    seen = []
+    model.encoder.stages[0].embed.proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    ref = evaluate(model, DataLoader(val, batch_size=1), num_classes=19, progress=False)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = evaluate(model, DataLoader(val, batch_size=1), num_classes=19, amp_dtype=torch.bfloat16, progress=False)
+    assert set(seen) == {torch.bfloat16} and len(seen) == len(val)
+    assert bf16.pixels == ref.pixels  # the same pixels counted, argmax taken on float32 logits
+    assert bf16.pixel_acc == pytest.approx(ref.pixel_acc, abs=0.01)  # bf16 moves few argmaxes
+
+
 def test_score_counts_a_segmenters_frames_with_the_evaluators_core(data):
     """score(): any artifact through its Segmenter, raw BGR frames in, class ids at full label resolution out,
     counted like evaluate() counts a model over a DataLoader."""

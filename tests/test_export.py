@@ -80,6 +80,15 @@ def test_uint8_labels_graph_normalises_inside_and_returns_class_ids(tmp_path, da
     export_student(student, tmp_path, plain(input="uint8", output="labels"), val, train)
     graph = onnx.load(str(tmp_path / "student.onnx"))
     assert [o.name for o in graph.graph.output] == ["labels"]  # the parity output is gone
+    # TensorRT restricts UINT8 tensors to I/O and casts: the input's only consumer is a Cast to float, and nothing
+    # else reads a uint8 tensor (the BGR flip and the NHWC -> NCHW transpose come after the Cast)
+    typed = onnx.shape_inference.infer_shapes(graph).graph
+    uint8 = {v.name for v in [*typed.input, *typed.value_info, *typed.output]
+             if v.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    assert uint8 == {"image"}
+    (first,) = [n for n in graph.graph.node if "image" in n.input]
+    assert first.op_type == "Cast" and onnx.helper.get_attribute_value(first.attribute[0]) == onnx.TensorProto.FLOAT
+    assert [n.op_type for n in graph.graph.node if uint8 & set(n.input)] == ["Cast"]
     sess = ort_session(tmp_path / "student.onnx")
     assert sess.get_inputs()[0].type == "tensor(uint8)" and sess.get_inputs()[0].shape == [1, *SIZE, 3]
     rgb, _ = val.read(2)

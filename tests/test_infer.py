@@ -15,7 +15,7 @@ from pipeline.data import EvalTransform, build_dataset, network_input
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate, score
 from pipeline.export import export_student
-from pipeline.infer import OrtBackend, Segmenter, TorchBackend
+from pipeline.infer import OrtBackend, Segmenter, TorchBackend, ort_session, provider_options, session_provider
 from pipeline.models import save_model
 from tests.conftest import splits, spread_student
 
@@ -162,3 +162,66 @@ def test_backends_run_the_primary_output_and_infer_every_output(art):
     assert isinstance(torch_seg.backend, TorchBackend)
     out = torch_seg.backend.infer(x)
     assert list(out) == ["logits"] and np.array_equal(out["logits"], torch_seg.backend.run(x).numpy())
+
+
+def test_the_provider_reported_is_the_one_the_session_got(art):
+    """ONNX Runtime here has only its CPU provider: asking for CUDA is refused in one line naming asked and got, and
+    with fallback allowed it runs and says cpu; auto never refuses."""
+    with pytest.raises(InputError) as e:
+        Segmenter.open(art["float"], provider="cuda")
+    msg = str(e.value)
+    assert "provider cuda asked, cpu got" in msg and "--allow-fallback" in msg and "\n" not in msg
+    seg = Segmenter.open(art["float"], provider="cuda", allow_fallback=True)
+    d = seg.describe()
+    assert (d["provider"], d["provider_asked"], d["device"]) == ("cpu", "cuda", "cpu")
+    assert seg.predict(bgr_frames(art["val"], 1)[0]).shape == (96, 192)
+    auto = OrtBackend(art["float"], "auto")
+    assert auto.provider == session_provider(auto.session) == "cpu" and auto.asked == "auto"
+    assert "provider_asked" not in Segmenter.open(art["float"], provider="cpu").describe()
+    with pytest.raises(InputError, match="provider 'rocm': expected auto, cpu, cuda, tensorrt"):
+        ort_session(art["float"], "rocm")
+
+
+def test_provider_options_follow_onnx_runtime_docs(art, tmp_path):
+    """The options builder is a pure function: TensorRT with both caches, the precision's flags and, for a dynamic
+    graph, one explicit profile at the shapes it will run (trtexec syntax); CUDA on the asked GPU."""
+    from pipeline.onnxinfo import inspect_onnx
+
+    inputs = [(t.name, t.shape) for t in inspect_onnx(art["dynamic"]).inputs]
+    assert inputs == [("image", ("batch", 3, "height", "width"))]
+    (trt, trt_opts), (cuda, cuda_opts), (cpu, cpu_opts) = provider_options(
+        ["tensorrt", "cuda", "cpu"], device_id=1, precision="fp16", inputs=inputs,
+        shapes={"image": (2, 3, 512, 1024)}, cache_dir=tmp_path / "trt_cache")
+    assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert trt_opts == {"device_id": 1, "trt_fp16_enable": True, "trt_int8_enable": False,
+                        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt_cache"),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(tmp_path / "trt_cache"),
+                        "trt_profile_min_shapes": "image:2x3x512x1024", "trt_profile_opt_shapes": "image:2x3x512x1024",
+                        "trt_profile_max_shapes": "image:2x3x512x1024"}
+    assert cuda_opts == {"device_id": 1} and cpu_opts == {}
+    # INT8 (Q/DQ) allows FP16 too; a static graph, or a dynamic input with no shape given, gets no explicit profile
+    (_, int8), = provider_options(["tensorrt"], precision="int8", inputs=[("image", (1, 3, 64, 128))],
+                                  shapes={"image": (1, 3, 64, 128)})
+    assert int8 == {"device_id": 0, "trt_fp16_enable": True, "trt_int8_enable": True}
+    (_, unknown), = provider_options(["tensorrt"], inputs=inputs + [("scale", (-1,))], shapes={"image": (1, 3, 8, 8)})
+    assert not any(k.startswith("trt_profile") for k in unknown) and unknown["trt_fp16_enable"] is False
+    # the cache folder defaults to trt_cache/ beside the graph, made when the TensorRT provider is in the chain
+    from pipeline.infer import _tensorrt_settings
+
+    settings = _tensorrt_settings(art["dynamic"], {"image": (1, 3, 64, 128)}, None)
+    assert settings["cache_dir"] == art["dynamic"].parent / "trt_cache" and settings["cache_dir"].is_dir()
+    assert settings["precision"] == "fp32" and settings["inputs"] == inputs
+
+
+def test_torch_dtype_auto_is_the_amp_choice_and_devices_are_parsed(art):
+    from pipeline.amp import choose
+    from pipeline.infer import cuda_index
+
+    seg = Segmenter.open(art["ckpt"], device="cpu", dtype="auto", size=SIZE)
+    assert seg.describe()["precision"] == choose("auto", "cpu").name  # bf16 where the CPU has it natively
+    assert seg.predict(bgr_frames(art["val"], 1)[0]).shape == (96, 192)
+    with pytest.raises(InputError, match="dtype 'int8': expected one of auto, fp32, fp16, bf16"):
+        TorchBackend(art["model"], "cpu", "int8")
+    assert [cuda_index(d) for d in ("cuda:1", "cuda", "cpu", "auto")] == [1, 0, 0, 0]
+    with pytest.raises(InputError, match="cuda:N"):
+        cuda_index("cuda:x")

@@ -2,11 +2,13 @@
 interleaving, every backend here end to end, the JSON schema, and the refusals."""
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import timing
 from pipeline.config import ExportConfig
@@ -166,3 +168,136 @@ def test_bench_stage_writes_report_md_json_and_plot(run_dir):
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
     assert "| student.onnx | cpu | onnxruntime | fp32 |" in md and "report.png" in md and "report.md" in stdout
+
+
+class Unrelated(torch.nn.Module):
+    """A model that has nothing to do with this pipeline: three inputs of three kinds, two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bias = torch.nn.Embedding(4, 8)
+
+    def forward(self, images, scale, class_ids):
+        features = self.conv(images) * scale + self.bias(class_ids)[:, :, None, None]
+        return features, features.mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def foreign_onnx(tmp_path_factory):
+    """An ONNX file torch.onnx.export made from an unrelated model: no transkd.metadata, no sidecar; images with a
+    dynamic batch, height and width, a static scale, int64 class ids with a dynamic batch."""
+    path = tmp_path_factory.mktemp("foreign") / "detector.onnx"
+    example = (torch.zeros(1, 3, 16, 16), torch.ones(1), torch.zeros(1, dtype=torch.int64))
+    torch.onnx.export(Unrelated().eval(), example, str(path), input_names=["images", "scale", "class_ids"],
+                      output_names=["features", "pooled"], dynamo=False,
+                      dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}, "class_ids": {0: "n"}})
+    return path
+
+
+def latency_main(capsys, *args):
+    from benchmarks.latency import main
+
+    code = main([*args, "--warmup", "1", "--iterations", "4", "--rounds", "2"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_foreign_onnx_is_timed_like_trtexec(foreign_onnx, tmp_path, capsys):
+    """Inputs from the graph, the dynamic dims from --batch and --size, random input of each dtype: the full
+    statistics row, and the resolved shapes in the JSON."""
+    out = tmp_path / "lat.json"
+    code, stdout, err = latency_main(capsys, "--onnx", str(foreign_onnx), "--batch", "2", "--size", "32x48",
+                                     "--json", str(out))
+    assert code == 0, err
+    assert "detector.onnx: images 2x3x32x48 float32, scale 1 float32, class_ids 2 int64" in stdout
+    head = next(line for line in stdout.splitlines() if line.startswith("| artifact"))
+    assert all(f"{s} ms" in head for s in timing.STATS) and head.endswith("img/s |")
+    assert "| detector.onnx | onnxruntime (cpu) | cpu | fp32 | 2 | 32x48 |" in stdout
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["foreign"] and row["provider"] == "cpu" and row["batch"] == 2
+    assert row["inputs"] == {"images": "2x3x32x48 float32", "scale": "1 float32", "class_ids": "2 int64"}
+    assert list(row["outputs"]) == ["features", "pooled"]
+    c = row["compute"]
+    assert c["count"] == 4 and c["min"] <= c["p50"] <= c["p99"] <= c["max"]
+    assert c["throughput"] == pytest.approx(2 * 1000 / c["mean"])
+
+
+def test_shapes_win_over_batch_and_size(foreign_onnx, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    code, _, err = latency_main(capsys, "--onnx", str(foreign_onnx), "--batch", "2", "--size", "32x48",
+                                "--shapes", "images:3x3x8x12,class_ids:3", "--json", str(out))
+    assert code == 0, err
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["inputs"]["images"] == "3x3x8x12 float32" and row["inputs"]["class_ids"] == "3 int64"
+    assert row["batch"] == 3 and row["size"] == "8x12"
+    assert json.loads(out.read_text())["settings"]["shapes"] == "images:3x3x8x12,class_ids:3"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "has a dynamic dim 2: give --size HxW"),
+    (["--size", "32x48", "--e2e"], "needs the contract"),
+    (["--shapes", "images:1x3x8x8,boxes:1x4"], "--shapes names 'boxes', but the inputs are"),
+    (["--shapes", "images:1x4x8x8", "--size", "32x32"], "does not fit the input's"),
+    (["--size", "32x48", "--provider", "cuda"], "provider cuda asked, cpu got"),
+])
+def test_foreign_onnx_refusals_are_one_line(foreign_onnx, capsys, args, message):
+    code, _, err = latency_main(capsys, "--onnx", str(foreign_onnx), *args)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert "--allow-fallback" in err or "cuda" not in args
+    assert "input 'images'" in err or args  # a missing dim names the input
+
+
+def test_an_asked_provider_that_falls_back_is_timed_where_it_runs_when_allowed(foreign_onnx, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    code, stdout, err = latency_main(capsys, "--onnx", str(foreign_onnx), "--size", "32x32", "--provider", "cuda",
+                                     "--allow-fallback", "--json", str(out))
+    assert code == 0, err
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["provider"], row["provider_asked"], row["device"]) == ("cpu", "cuda", "cpu")
+    assert "| detector.onnx | onnxruntime (cpu) | cpu |" in stdout
+
+
+def test_our_graph_keeps_its_contract_and_refuses_shapes(run_dir, capsys):
+    run, _ = run_dir
+    code, _, err = latency_main(capsys, "--onnx", str(run / "student.onnx"), "--shapes", "image:1x3x64x128")
+    assert code == 2 and "--shapes is for graphs and engines without this pipeline's record" in err, err
+    assert not timing.foreign(run / "student.onnx", "onnx") and not timing.foreign(run / "missing.onnx", "onnx")
+
+
+def test_an_engine_without_sidecar_goes_to_the_tensorrt_helper(tmp_path, capsys):
+    """No sidecar: not refused for the missing record, but handed to trt/timing.py, which needs TensorRT and a GPU
+    (here it says so in one line)."""
+    plan = tmp_path / "someone_elses.plan"
+    plan.write_bytes(b"\0" * 64)
+    assert timing.foreign(plan, "engine")
+    code, _, err = latency_main(capsys, "--engine", str(plan), "--size", "64x128")
+    assert code == 2 and err.count("\n") == 1 and "every artifact this pipeline writes has its sidecar" not in err, err
+
+
+def test_random_inputs_take_each_dtype_and_refuse_what_cannot_be_fed():
+    from pipeline.onnxinfo import Tensor
+
+    inputs = [Tensor("x", "float16", ("n", 3)), Tensor("ids", "int64", (5,)), Tensor("mask", "bool", (4,)),
+              Tensor("img", "uint8", (2, 2))]
+    feed = timing.random_inputs(inputs, {"x": (2, 3), "ids": (5,), "mask": (4,), "img": (2, 2)})
+    assert {k: (v.dtype.name, v.shape) for k, v in feed.items()} == {
+        "x": ("float16", (2, 3)), "ids": ("int64", (5,)), "mask": ("bool", (4,)), "img": ("uint8", (2, 2))}
+    assert 0 <= feed["ids"].min() and feed["ids"].max() < 4
+    again = timing.random_inputs(inputs, {"x": (2, 3), "ids": (5,), "mask": (4,), "img": (2, 2)})
+    assert all(np.array_equal(feed[k], again[k]) for k in feed)  # seeded
+    with pytest.raises(InputError, match="input 'tokens' is bfloat16"):
+        timing.random_inputs([Tensor("tokens", "bfloat16", (1,))], {"tokens": (1,)}, where="m.onnx")
+
+
+def test_two_onnx_runtimes_in_one_environment_are_refused_before_a_session(foreign_onnx, tmp_path):
+    """onnxruntime and onnxruntime-gpu both install the onnxruntime module: with a second distribution's record on
+    the path, the session is refused in one line (pipeline.deps) instead of running on whichever files won."""
+    from tests.conftest import ROOT
+
+    record = tmp_path / "site" / "onnxruntime_gpu-1.20.1.dist-info"
+    record.mkdir(parents=True)
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.1\n")
+    code, _, err = run_cli("benchmarks/latency.py", "--onnx", str(foreign_onnx), "--size", "32x32", module=None,
+                           env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path / 'site'}"})
+    assert code == 2 and err.count("\n") == 1 and "onnxruntime-gpu 1.20.1" in err, err

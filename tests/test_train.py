@@ -7,13 +7,17 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from pipeline import amp
 from pipeline import config as config_mod
 from pipeline.artifacts import read_sidecar
+from pipeline.errors import ConfigError
 from pipeline.models import build_model
+from pipeline.train import dist_plan
 from tests.conftest import free_port, run_cli, start_cli
 
 TINY = ["data.synthetic_train=12", "data.synthetic_val=4", "data.synthetic_size=64x128", "data.size=64x96",
@@ -63,6 +67,26 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
         moved += int(not torch.equal(a[k], start[k]))
     assert moved > 0.9 * len(a)  # the comparison is between trained weights, not two untouched copies
+
+
+def test_each_cuda_process_takes_its_local_gpu_and_binds_nccl_to_it():
+    plan = dist_plan(world=8, local_rank=3, use_cuda=True, cuda_devices=4)
+    assert plan.device == torch.device("cuda", 3) and plan.backend == "nccl"
+    assert plan.init_kwargs == {"device_id": torch.device("cuda", 3)}  # the communicator is formed on that GPU
+    one = dist_plan(world=1, local_rank=0, use_cuda=True, cuda_devices=1)
+    assert (one.device, one.backend, one.init_kwargs) == (torch.device("cuda", 0), None, {})
+
+
+def test_cpu_processes_join_gloo_without_a_device():
+    assert dist_plan(world=2, local_rank=1, use_cuda=False) == dist_plan(world=2, local_rank=0, use_cuda=False)
+    plan = dist_plan(world=2, local_rank=1, use_cuda=False)
+    assert (plan.device, plan.backend, plan.init_kwargs) == (torch.device("cpu"), "gloo", {})
+    assert dist_plan(world=1, local_rank=0, use_cuda=False).backend is None
+
+
+def test_more_processes_than_gpus_is_one_line():
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=2: this machine shows 2 CUDA device\(s\)"):
+        dist_plan(world=4, local_rank=2, use_cuda=True, cuda_devices=2)
 
 
 # ------------------------------------------------------------------------------------------ kill and resume
@@ -142,10 +166,16 @@ def test_distill_trains_the_teacher_then_the_student_in_one_run_dir(tmp_path, sy
     assert "run directory" in out and "student.safetensors" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distill"]["teacher"]["steps"] == 4 and summary["distill"]["steps"] == 4
-    # eval reads the run's student by default and writes eval.json
+    # the precision train.amp=auto took here, for both models, in the summary and the log
+    choice = amp.choose("auto", "cpu")
+    assert summary["distill"]["amp"] == summary["distill"]["teacher"]["amp"] == choice.record("auto", "cpu")
+    assert f"student: {'float32' if choice.dtype is None else choice.name + ' autocast'} on cpu" in (
+        run / "run.log").read_text()
+    # eval reads the run's student by default and writes eval.json, scored in the same precision
     code, out, err = run_cli("eval", "--run-dir", str(run), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err
-    assert 0.0 <= json.loads((run / "eval.json").read_text())["miou"] <= 1.0
+    scores = json.loads((run / "eval.json").read_text())
+    assert 0.0 <= scores["miou"] <= 1.0 and scores["amp"] == choice.record("auto", "cpu")
 
 
 def test_cli_errors_are_one_line(tmp_path):

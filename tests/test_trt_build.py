@@ -266,14 +266,26 @@ def repaired_tensorrt_stubs(dst: Path) -> str | None:
                             f"({e.msg}); extend repaired_tensorrt_stubs")
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             (dst / f).write_text(text)
+    if not (dst / "tensorrt" / "__init__.pyi").is_file():
+        pytest.fail(f"tensorrt-stubs {dist.version} is installed but has no tensorrt/__init__.pyi")
     return dist.version
 
 
 def test_mypy_trt(tmp_path):
-    """The TensorRT calls in trt/ cannot run here, so mypy checks them against the stubs (when installed)."""
+    """The TensorRT calls in trt/ cannot run here, so mypy checks them against the stubs. Without the stubs mypy
+    takes TensorRT as untyped and checks no call: the test is skipped then, saying so, never green. A probe with a
+    wrong TensorRT call, checked in the same run, proves the stubs are in use."""
     pytest.importorskip("mypy")
     stubs = repaired_tensorrt_stubs(tmp_path / "stubs")
-    env = {**os.environ, "MYPYPATH": str(tmp_path / "stubs")} if stubs else dict(os.environ)
-    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"mypy (tensorrt-stubs {stubs or 'not installed'}):\n{r.stdout}{r.stderr}"
+    if stubs is None:
+        pytest.skip("tensorrt-stubs is not installed (pip install tensorrt-stubs): mypy would check no TensorRT call")
+    probe = tmp_path / "tensorrt_probe.py"
+    probe.write_text("import tensorrt\n\ntensorrt.Runtime(tensorrt.Logger()).load_runtime(3)\n")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "trt", str(probe)],
+                       cwd=ROOT, env={**os.environ, "MYPYPATH": str(tmp_path / "stubs")}, capture_output=True,
+                       text=True, timeout=300)
+    errors = [line for line in r.stdout.splitlines() if ": error: " in line]
+    ours = [line for line in errors if probe.name not in line]
+    assert not ours and not r.stderr, f"mypy (tensorrt-stubs {stubs}):\n{r.stdout}{r.stderr}"
+    assert any(f"{probe.name}:3: error: " in line and "load_runtime" in line for line in errors), \
+        f"mypy did not check the probe's TensorRT call against tensorrt-stubs {stubs}:\n{r.stdout}"

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-NOT_INSTALLED = "TensorRT is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
+NOT_INSTALLED = 'TensorRT is not installed (pip install -e ".[cu12]" or ".[cu13]" on a CUDA machine: docs/gpu.md)'
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same": "SAME_COMPUTE_CAPABILITY"}
 
 
@@ -182,8 +182,13 @@ def require_tensorrt(plan_path: Path, hardware_compat: str) -> dict[str, str]:
     if reason:
         raise ExportError(f"{plan_path.name}: cannot build the engine: {reason}")
     gpu = gpu_info() or {"name": "unknown", "compute_capability": "0.0"}
-    if hardware_compat == "ampere+" and int(gpu["compute_capability"].split(".")[0]) < 8:
-        raise ExportError(f"{plan_path.name}: hardware_compat ampere+ needs an Ampere or newer GPU, not {gpu['name']}")
+    # NvInfer.h, HardwareCompatibilityLevel: AMPERE_PLUS builds on Ampere and later, SAME_COMPUTE_CAPABILITY on Turing
+    # and later
+    cc = tuple(int(p) for p in gpu["compute_capability"].split(".")[:2])
+    least = {"ampere+": ((8, 0), "an Ampere"), "same": ((7, 5), "a Turing")}.get(hardware_compat)
+    if least and cc < least[0]:
+        raise ExportError(f"{plan_path.name}: hardware_compat {hardware_compat} needs {least[1]} or newer GPU, not "
+                          f"{gpu['name']}")
     return gpu
 
 
@@ -328,8 +333,11 @@ def cli_parser() -> Parser:
     p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level")
     p.add_argument("--timing-cache", help="folder of timing caches kept across builds")
     p.add_argument("--hardware-compat", default="none", choices=list(HARDWARE_COMPAT))
-    p.add_argument("--version-compatible", action="store_true", help="plan runs on later TensorRT 10.x runtimes")
-    p.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plan")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="plan also runs on later TensorRT of its major version, and a 10.x plan on 11.x")
+    p.add_argument("--exclude-lean-runtime", action="store_true",
+                   help="with --version-compatible: smaller plan; another TensorRT then runs it only with this "
+                        "version's lean runtime library (TRANSKD_TRT_LEAN_RUNTIME)")
     p.add_argument("-v", "--verbose", action="store_true", help="also TensorRT's info messages")
     return p
 

@@ -1,15 +1,18 @@
-"""Latency of a TensorRT engine, timed with CUDA events on its TrtRunner's stream (timing lives outside the runner)."""
+"""Latency of a TensorRT engine, timed with CUDA events on its runner's stream (timing lives outside the runner):
+our own engines through TrtRunner, any other through EngineRunner (`foreign_engine_step`, as trtexec times one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ExportError
-from trt.runtime import TrtRunner, cuda_check, cudart
+from trt.engine import EngineRunner, describe_io, engine_precision, resolve_engine_shapes
+from trt.runtime import EngineBase, TrtRunner, cuda_check, cudart
 
 
 @contextmanager
@@ -24,7 +27,7 @@ def _events(rt: Any, count: int) -> Iterator[list[Any]]:
             cuda_check("cudaEventDestroy", rt.cudaEventDestroy(event))
 
 
-def _record(rt: Any, event: Any, runner: TrtRunner) -> None:
+def _record(rt: Any, event: Any, runner: EngineBase) -> None:
     cuda_check("cudaEventRecord", rt.cudaEventRecord(event, runner.stream))
 
 
@@ -33,8 +36,9 @@ def _elapsed(rt: Any, start: Any, end: Any) -> float:
 
 
 @contextmanager
-def _cuda_graph(runner: TrtRunner, rt: Any) -> Iterator[Any]:
-    """One execute of `runner` captured on its stream, as an instantiated graph; destroyed on exit."""
+def _cuda_graph(runner: EngineBase, rt: Any) -> Iterator[Any]:
+    """One execute of `runner` captured on its stream, as an instantiated graph; destroyed on exit. Called with the
+    runner's device current (time_compute): a capture belongs to the current device."""
     # TensorRT updates shape-dependent state on the first enqueue after set_input_shape, work that must stay out of
     # the graph: execute once before capturing
     runner.execute()
@@ -57,34 +61,36 @@ def _cuda_graph(runner: TrtRunner, rt: Any) -> Iterator[Any]:
             cuda_check("cudaGraphDestroy", rt.cudaGraphDestroy(graph))
 
 
-def time_compute(runner: TrtRunner, iterations: int, warmup: int, cuda_graph: bool = False) -> list[float]:
+def time_compute(runner: EngineBase, iterations: int, warmup: int, cuda_graph: bool = False) -> list[float]:
     """Milliseconds per execute (the input already on the device), or per launch of a CUDA graph of one execute.
-    Each iteration waits for the last, so the host's launch overhead counts: what a CUDA graph saves."""
+    Each iteration waits for the last, so the host's launch overhead counts: what a CUDA graph saves. Events, capture
+    and launches happen with the runner's device current (a runner on cuda:1 captures on device 1)."""
     rt = cudart()
-    runner.bind()
-    runner.copy_to_device()
-    with _events(rt, 2) as (start, end), _cuda_graph(runner, rt) if cuda_graph else nullcontext() as graph_exec:
-        times = []
-        for i in range(warmup + iterations):
-            _record(rt, start, runner)
-            if graph_exec is None:
-                runner.execute()
-            else:
-                cuda_check("cudaGraphLaunch", rt.cudaGraphLaunch(graph_exec, runner.stream))
-            _record(rt, end, runner)
-            cuda_check("cudaEventSynchronize", rt.cudaEventSynchronize(end))
-            if i >= warmup:
-                times.append(_elapsed(rt, start, end))
+    with runner.on_device():
+        runner.bind()
+        runner.copy_to_device()
+        with _events(rt, 2) as (start, end), _cuda_graph(runner, rt) if cuda_graph else nullcontext() as graph_exec:
+            times = []
+            for i in range(warmup + iterations):
+                _record(rt, start, runner)
+                if graph_exec is None:
+                    runner.execute()
+                else:
+                    cuda_check("cudaGraphLaunch", rt.cudaGraphLaunch(graph_exec, runner.stream))
+                _record(rt, end, runner)
+                cuda_check("cudaEventSynchronize", rt.cudaEventSynchronize(end))
+                if i >= warmup:
+                    times.append(_elapsed(rt, start, end))
     return times
 
 
-def time_end_to_end(runner: TrtRunner, x: np.ndarray, iterations: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per iteration for H2D, execute, D2H and all three, pinned host buffer to pinned host buffer
-    (the numpy copies into and out of the pinned buffers are host work that CUDA events do not see)."""
+def time_copies(runner: EngineBase, iterations: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per iteration for H2D, execute, D2H and all three, pinned host buffers to pinned host buffers,
+    of whatever the runner's host inputs hold."""
     rt = cudart()
-    runner.load(x)
     times: dict[str, list[float]] = {"h2d": [], "compute": [], "d2h": [], "total": []}
-    with _events(rt, 4) as (e0, e1, e2, e3):
+    with runner.on_device(), _events(rt, 4) as (e0, e1, e2, e3):
+        runner.bind()
         for i in range(warmup + iterations):
             _record(rt, e0, runner)
             runner.copy_to_device()
@@ -98,3 +104,39 @@ def time_end_to_end(runner: TrtRunner, x: np.ndarray, iterations: int, warmup: i
                 for key, (a, b) in zip(times, ((e0, e1), (e1, e2), (e2, e3), (e0, e3))):
                     times[key].append(_elapsed(rt, a, b))
     return times
+
+
+def time_end_to_end(runner: TrtRunner, x: np.ndarray, iterations: int, warmup: int) -> dict[str, list[float]]:
+    """time_copies with `x` as the input (the numpy copies into and out of the pinned buffers are host work that
+    CUDA events do not see)."""
+    runner.load(x)
+    return time_copies(runner, iterations, warmup)
+
+
+def foreign_engine_step(plan: Path, shapes: dict[str, tuple[int, ...]], batch: int, size: tuple[int, int] | None,
+                        cuda_graph: bool, e2e: bool,
+                        seed: int = 0) -> tuple[dict, Callable[[int], dict[str, list[float]]]]:
+    """An engine this pipeline did not make, timed as trtexec times it: its I/O read from the engine, input shapes
+    from `shapes` (--shapes), else `batch` and `size` for the dynamic dims, within profile 0 (resolve_engine_shapes),
+    seeded random input in each input's type. Returns (info, step): what was timed, and step(n) -> milliseconds of n
+    iterations: "compute" (one execute, or one CUDA graph launch), with `e2e` also "h2d", "d2h" and "end_to_end"
+    (the three in a row). ExportError where TensorRT, cuda-python or a GPU is missing, as for TrtRunner."""
+    runner = EngineRunner(plan)
+    try:
+        runner.set_shapes(resolve_engine_shapes(runner.tensors, shapes, batch, size, str(plan)))
+        runner.fill_random(seed)
+    except BaseException:
+        runner.close()
+        raise
+    inputs, outputs = describe_io(runner.tensors, runner.shapes)
+    info = {"backend": "tensorrt", "device": "cuda", "precision": engine_precision(runner.tensors), "batch": batch,
+            "size": f"{size[0]}x{size[1]}" if size else "-", "inputs": inputs, "outputs": outputs}
+
+    def step(n: int) -> dict[str, list[float]]:
+        ms = {"compute": time_compute(runner, n, 0, cuda_graph=cuda_graph)}
+        if e2e:
+            copies = time_copies(runner, n, 0)
+            ms.update(h2d=copies["h2d"], d2h=copies["d2h"], end_to_end=copies["total"])
+        return ms
+
+    return info, step

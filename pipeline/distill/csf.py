@@ -61,9 +61,10 @@ class CrossSelectiveFusion(nn.Module):
 def hcl_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], levels: tuple[int, ...] = (4, 2, 1)):
     """Hierarchical context loss: per stage, MSE of the maps plus MSE of their l x l average-pooled contexts
     (l in `levels` smaller than the map height) weighted 1/2, 1/4, 1/8, normalised by the weights used;
-    summed over stages."""
-    total = student[0].new_zeros(())
+    summed over stages; in float32 (pipeline/distill/losses.py)."""
+    total = student[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
         loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
         for level in levels:
             if level >= s.shape[2]:

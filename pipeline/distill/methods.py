@@ -86,7 +86,8 @@ class DistillMethod:
                 "train_only_parameters": sum(p.numel() for p in self.modules.parameters())}
 
     def teacher_features(self, x: torch.Tensor) -> Taps | None:
-        """The frozen teacher's taps for a batch (None when no term needs them), computed without autograd.
+        """The frozen teacher's taps for a batch (None when no term needs them), computed without autograd, in the
+        caller's autocast dtype (the losses cast them to float32).
 
         Inference-mode tensors cannot be saved for backward, and every distillation loss saves its target,
         so the taps are cloned out of inference mode (a copy of the taps, cheaper than a tracked forward).
@@ -113,7 +114,8 @@ class DistillMethod:
             terms["cwd"] = self._cwd(student, teacher)
         if "hcl" in w:
             fused = self.modules["csf"](student.maps)
-            terms["hcl"] = hcl_loss([resize_to(f, t.shape[2:]) for f, t in zip(fused, teacher.maps)], teacher.maps)
+            terms["hcl"] = hcl_loss([resize_to(f.float(), t.shape[2:]) for f, t in zip(fused, teacher.maps)],
+                                    teacher.maps)
         if "pea" in w:
             terms["pea"] = self._embedding_loss(student, teacher)
         out = {k: w[k] * v for k, v in terms.items()}
@@ -128,19 +130,20 @@ class DistillMethod:
         return sum(cwd_loss(p(s), t, tau) for p, s, t in zip(proj, student.maps, teacher.maps))
 
     def _embedding_loss(self, student: Taps, teacher: Taps) -> torch.Tensor:
-        """PEA (with GL-Mixer on the deepest stage and the Embedding Assistant where the method has them)."""
+        """PEA (with GL-Mixer on the deepest stage and the Embedding Assistant where the method has them); the
+        modules run in the step's autocast dtype, the resampling and the MSE in float32 (distill/losses.py)."""
         gl = self.modules["gl"] if "gl" in self.modules else None
         ea = self.modules["ea"] if "ea" in self.modules else None
         last = len(student.embeddings) - 1
-        total = student.logits.new_zeros(())
+        total = student.logits.new_zeros((), dtype=torch.float32)
         for i, (weight, tokens) in enumerate(zip(self.options["pea_stage_weights"], student.embeddings)):
             if gl is not None and i == last:
                 tokens = gl(tokens)
             aligned = self.modules["pea"](i, tokens)
             if ea is not None:
                 aligned = ea(i, aligned, student.image if i == 0 else student.maps[i - 1])
-            aligned = resize_tokens(aligned, student.sizes[i], teacher.sizes[i])
-            total = total + weight * F.mse_loss(aligned, teacher.embeddings[i])
+            aligned = resize_tokens(aligned.float(), student.sizes[i], teacher.sizes[i])
+            total = total + weight * F.mse_loss(aligned, teacher.embeddings[i].float())
         return total
 
 
