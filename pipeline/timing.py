@@ -165,9 +165,9 @@ RANDOM_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int
 
 def random_inputs(inputs: Sequence[Tensor], shapes: dict[str, tuple[int, ...]], seed: int = 0,
                   where: str = "") -> dict[str, np.ndarray]:
-    """Seeded random input for every graph input at its resolved shape, in its dtype: floats ~ N(0, 1), uint8 over
-    0..255 (an image), other integers in 0..3 (indices into small tables and counts stay in range), bool half true.
-    A dtype numpy and ONNX Runtime cannot both hold (bfloat16, float8, string) is one line naming the input."""
+    """Seeded random input for every graph input at its resolved shape, in its dtype (onnxinfo.random_array says
+    what values). A dtype numpy and ONNX Runtime cannot both hold (bfloat16, float8, string) is one line naming the
+    input."""
     rng = np.random.default_rng(seed)
     feed: dict[str, np.ndarray] = {}
     for t in inputs:
