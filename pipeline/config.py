@@ -73,6 +73,9 @@ class TrainConfig:
 class DistillConfig:
     method: str = "transkd-base"
     weights: dict = field(default_factory=dict)  # loss weights and method options, e.g. {pea: 1.0, temperature: 4}
+    # label: logits upsampled to the labels (every labelled pixel scored, as the evaluator scores) | quarter: labels
+    # downsampled to the 1/4-resolution logits by nearest neighbour (the TransKD reference's, cheaper)
+    ce_resolution: str = "label"
 
 
 @dataclass
@@ -142,6 +145,7 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.resume": ("auto", "never"),
+    "distill.ce_resolution": ("label", "quarter"),  # losses.CE_RESOLUTIONS (not imported: it imports torch)
     "export.input": tuple(INPUTS),
     "export.output": tuple(OUTPUTS),
     "export.calibration_method": ("entropy", "max"),  # precision.to_int8: KL-optimal or max-abs thresholds
@@ -344,6 +348,14 @@ def _check_bench(b: BenchConfig) -> None:
                           "bench.threads and bench.eval_frames >= 0")
 
 
+def method_options(cfg: Config) -> dict[str, object]:
+    """The keyword options of the distillation method: `distill.weights` (loss weights and method options) with
+    `distill.ce_resolution`, which is set in one place only."""
+    if "ce_resolution" in cfg.distill.weights:
+        raise ConfigError("distill.weights.ce_resolution: set it as distill.ce_resolution (label or quarter)")
+    return {**cfg.distill.weights, "ce_resolution": cfg.distill.ce_resolution}
+
+
 def export_size(cfg: Config) -> tuple[int, int]:
     """The exported graph's H x W: export.size, or data.size where that is 0x0."""
     return tuple(cfg.export.size) if tuple(cfg.export.size) != (0, 0) else tuple(cfg.data.size)
@@ -427,4 +439,4 @@ def dump(cfg: Config) -> str:
 
 __all__ = ["CHOICES", "REGISTRIES", "BenchConfig", "Config", "DataConfig", "DistillConfig", "ExportConfig",
            "ModelConfig", "TrainConfig", "apply", "bench_size", "check_choice", "choices", "dump", "export_size",
-           "keys", "load", "parse_overrides", "parse_size", "validate"]
+           "keys", "load", "method_options", "parse_overrides", "parse_size", "validate"]

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.artifacts import run_file, sidecar_path
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ModelConfig, method_options
 from pipeline.errors import ConfigError, DataError, InputError, PipelineError
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def check_distill(cfg: Config, run_dir: Path, trained_teacher: bool) -> None:
     else:
         teacher = model_config("teacher", cfg.teacher, cfg)  # trained first, by this run
     student = model_config("student", cfg.student, cfg)
-    resolve_method(cfg.distill.method, teacher, student, **cfg.distill.weights)
+    resolve_method(cfg.distill.method, teacher, student, **method_options(cfg))
 
 
 def check_student(cfg: Config, run_dir: Path, stage: str, args: argparse.Namespace, made_here: bool) -> None:

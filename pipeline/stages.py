@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import ARTIFACTS, INPUT_NAME, kinds, run_file
 from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC, default_out
-from pipeline.config import Config, ModelConfig, export_size
+from pipeline.config import Config, ModelConfig, export_size, method_options
 from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.io import atomic_path, write_json
 from pipeline.preflight import check_variant
@@ -115,7 +115,7 @@ def run_distill(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
                           f"{train.name} has {train.num_classes}")
     student = new_model("student", cfg.student, train, cfg.data.size, derived_seed(cfg.seed, "student", "init"))
     seed_everything(derived_seed(cfg.seed, "modules", "init"))  # the method's train-only modules
-    method = build_method(cfg.distill.method, teacher, student, **cfg.distill.weights)
+    method = build_method(cfg.distill.method, teacher, student, **method_options(cfg))
     log.info("distilling %s -> %s with %s (%d train-only parameters)", teacher.config.variant,
              student.config.variant, method.name, method.describe()["train_only_parameters"])
     if env.main:

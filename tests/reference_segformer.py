@@ -1,8 +1,9 @@
-"""Independent SegFormer implementations whose module trees name tensors the way NVlabs and mmseg do.
+"""Independent SegFormer implementations whose module trees name tensors the way NVlabs, mmseg and the TransKD
+reference code do.
 
 They exist only to test checkpoint import: a state dict taken from them has exactly the keys of a real NVlabs
-(mmseg 0.x based) or mmsegmentation (>= 0.20, 1.x) checkpoint, because the names come from the same module
-nesting. They share no code with pipeline.models and compute attention differently (explicit softmax here,
+(mmseg 0.x based), mmsegmentation (>= 0.20, 1.x) or TransKD reference checkpoint, because the names come from the
+same module nesting. They share no code with pipeline.models and compute attention differently (explicit softmax here,
 nn.MultiheadAttention for mmseg), so a wrong key mapping or a swapped tensor shows up in the logits.
 """
 
@@ -143,13 +144,18 @@ class NvHead(nn.Module):
         self.conv_seg = nn.Conv2d(d, classes, 1)  # built by mmseg 0.x BaseDecodeHead, never used by SegFormer
 
     def forward(self, feats):
-        size = feats[0].shape[2:]
-        outs = []
-        for i in (4, 3, 2, 1):
-            f = feats[i - 1]
-            y = getattr(self, f"linear_c{i}")(f).permute(0, 2, 1).reshape(f.shape[0], -1, *f.shape[2:])
-            outs.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
-        return self.linear_pred(self.linear_fuse(torch.cat(outs, dim=1)))
+        return _all_mlp_head(self, feats)
+
+
+def _all_mlp_head(owner: nn.Module, feats: list[torch.Tensor]) -> torch.Tensor:
+    """SegFormer's all-MLP decoder over the modules `linear_c1..4`, `linear_fuse`, `linear_pred` of `owner`."""
+    size = feats[0].shape[2:]
+    outs = []
+    for i in (4, 3, 2, 1):
+        f = feats[i - 1]
+        y = getattr(owner, f"linear_c{i}")(f).permute(0, 2, 1).reshape(f.shape[0], -1, *f.shape[2:])
+        outs.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+    return owner.linear_pred(owner.linear_fuse(torch.cat(outs, dim=1)))
 
 
 class NvSegFormer(nn.Module):
@@ -160,6 +166,25 @@ class NvSegFormer(nn.Module):
 
     def forward(self, x):
         return self.decode_head(self.backbone(x))
+
+
+# ----------------------------------------------------------------------------------- TransKD reference layout
+
+
+class TkSegFormer(NvMiT):
+    """The TransKD reference code's SegFormer (its `mit_b0`..`mit_b5`): one module with NVlabs' encoder names and
+    the all-MLP head beside them at the top level (`linear_c1..4`, `linear_fuse.conv`/`.bn`, `linear_pred`), no
+    `backbone.` / `decode_head.` nesting and no unused `conv_seg`."""
+
+    def __init__(self, dims, depths, heads, d, classes):
+        super().__init__(dims, depths, heads)
+        for i in range(4):
+            setattr(self, f"linear_c{i + 1}", NvMLP(dims[i], d))
+        self.linear_fuse = ConvBnRelu(4 * d, d)
+        self.linear_pred = nn.Conv2d(d, classes, 1)
+
+    def forward(self, x):
+        return _all_mlp_head(self, super().forward(x))
 
 
 # ------------------------------------------------------------------------------------------------- mmseg layout

@@ -1,4 +1,5 @@
-"""Checkpoint import and export: our safetensors + sidecar, Hugging Face, NVlabs, mmseg, encoder-only, bad files."""
+"""Checkpoint import and export: our safetensors + sidecar, Hugging Face, NVlabs, mmseg, the TransKD reference's
+layout, encoder-only, bad files."""
 
 import argparse
 import json
@@ -14,7 +15,7 @@ from pipeline.errors import CheckpointError, CheckpointWarning
 from pipeline.models import VARIANTS, build_model, load_model, save_model
 from pipeline.models.checkpoints import mapping_for
 from tests.conftest import max_diff
-from tests.reference_segformer import MmSegFormer, NvSegFormer, randomize_
+from tests.reference_segformer import MmSegFormer, NvSegFormer, TkSegFormer, randomize_
 
 
 def hf_model(variant: str, num_labels: int = 19, cls=SegformerForSemanticSegmentation):
@@ -172,8 +173,71 @@ def test_new_class_count_replaces_the_classifier_non_strictly(tmp_path):
     assert torch.equal(voc.head.fuse.weight, ref.decode_head.linear_fuse.conv.weight)
 
 
+# ----------------------------------------------------------------------- the TransKD reference code's own layout
+# RuipingL/TransKD train/models/Segformer.py: `mit_b0`..`mit_b5` are one MixVisionTransformer module that also
+# holds the all-MLP head, so its state dict has `patch_embed1.proj.weight`, `block1.0.attn.kv.weight`, `norm1.*`
+# next to `linear_c1..4.proj.*`, `linear_fuse.conv.weight`, `linear_fuse.bn.*` and `linear_pred.*`. Its training
+# scripts torch.save model.state_dict() (`module.`-prefixed under nn.DataParallel) or a resume dict holding it under
+# `state_dict` beside the epoch, the model's repr and the best score.
+
+
+def _transkd_reference(variant: str, classes: int = 19):
+    dims, depths, heads, dec = VARIANTS[variant]
+    return randomize_(TkSegFormer(dims, depths, heads, dec, classes), seed=zlib.crc32(f"transkd/{variant}".encode()))
+
+
+def _save_transkd(ref, path, wrapping: str):
+    sd = ref.state_dict()
+    if wrapping == "data_parallel":
+        sd = {f"module.{k}": v for k, v in sd.items()}
+    if wrapping == "resume_dict":
+        sd = {"epoch": 7, "arch": repr(ref), "state_dict": sd, "best_acc": 0.5}
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("wrapping", ["state_dict", "data_parallel", "resume_dict"])
+@pytest.mark.parametrize("variant", ["mit_b0", "mit_b1"])
+def test_transkd_reference_checkpoints_load_with_their_head(tmp_path, variant, wrapping):
+    ref = _transkd_reference(variant)
+    assert any(k.startswith("linear_pred.") for k in ref.state_dict())  # the head really is at the top level
+    _save_transkd(ref, tmp_path / "model_best.pth", wrapping)
+    ours = load_model(tmp_path / "model_best.pth")  # strict: every tensor of the file used, every one of ours filled
+    assert ours.config.variant == variant and ours.config.head_style == "mlp" and ours.config.num_classes == 19
+    assert ours.meta.source.startswith("TransKD reference SegFormer")
+    ours, ref = ours.double(), ref.double()
+    for size in [(128, 128), (72, 104)]:  # the second is no multiple of 32
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        assert max_diff(logits(ours, x), logits(ref, x)) <= 1e-5
+
+
+def test_transkd_reference_swapped_head_tensors_are_visible(tmp_path):
+    # the guard behind the test above: two same-shaped head tensors exchanged change the logits well past 1e-5
+    ref = _transkd_reference("mit_b0")
+    sd = ref.state_dict()
+    sd["linear_c1.proj.bias"], sd["linear_c2.proj.bias"] = sd["linear_c2.proj.bias"], sd["linear_c1.proj.bias"]
+    torch.save(sd, tmp_path / "swapped.pth")
+    x = torch.randn(1, 3, 64, 96)
+    assert max_diff(logits(load_model(tmp_path / "swapped.pth"), x), logits(ref, x)) > 1e-3
+
+
+@pytest.mark.parametrize("dropped, ours_name", [("linear_pred.weight", "head.classifier.weight"),
+                                                ("linear_fuse.conv.weight", "head.fuse.weight"),
+                                                ("linear_c3.proj.bias", "head.proj.2.bias"),
+                                                ("linear_fuse.bn.running_var", "head.bn.running_var")])
+def test_transkd_reference_missing_head_tensor_is_named(tmp_path, dropped, ours_name):
+    sd = _transkd_reference("mit_b0").state_dict()
+    del sd[dropped]
+    torch.save(sd, tmp_path / "damaged.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "damaged.pth")
+    text = str(err.value)
+    assert "\n" not in text
+    assert "TransKD reference SegFormer" in text and "encoder-only" not in text
+    assert f"missing keys: {ours_name}" in text and "unexpected keys" not in text
+
+
 def test_mapping_table_covers_every_tensor_once():
-    for head_style, formats in (("mlp", ("ours", "nvlabs", "hf")), ("mmseg", ("ours", "mmseg"))):
+    for head_style, formats in (("mlp", ("ours", "nvlabs", "hf", "transkd")), ("mmseg", ("ours", "mmseg"))):
         model = build_model("mit_b2", head_style=head_style)
         for fmt in formats:
             mapping = mapping_for(model, fmt, "backbone." if fmt != "hf" else "segformer.")

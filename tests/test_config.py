@@ -39,6 +39,7 @@ def test_yaml_then_command_line(tmp_path):
     ("train.steps=ten", r"train.steps='ten': expected an integer"),
     ("train.batch_size=0", r"train.batch_size=0: expected an integer >= 1"),
     ("train.amp=int8", r"expected one of auto, off, bf16, fp16"),
+    ("distill.ce_resolution=quater", r"distill.ce_resolution='quater': expected one of label, quarter \(did you mean"),
     ("data.size=16x16", r"must be >= 32"),
     ("nonsense", r"expected key=value"),
     # choice lists come from the registries: datasets, variants, distillation methods, artifact contracts

@@ -1,7 +1,9 @@
 """Distillation methods: parameter anchors, loss definitions, gradients, optimisation, frozen teacher, errors."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,7 +13,7 @@ from pipeline.distill.csf import CrossSelectiveFusion, hcl_loss
 from pipeline.distill.losses import ce_loss, cwd_loss, kd_loss
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, save_model
-from tests.conftest import n_params
+from tests.conftest import n_params, run_cli
 
 DISTILLING = [m for m in METHODS if m != "none"]
 
@@ -94,6 +96,52 @@ def test_losses_vanish_where_their_definition_implies_it():
     y = torch.randn_like(x)
     assert kd_loss(x, y, 4.0) > 0 and cwd_loss(x, y, 4.0) > 0
     assert hcl_loss(maps, [m + 0.1 * torch.randn_like(m) for m in maps]) > 0
+
+
+def test_ce_at_quarter_resolution_is_the_references_downsampled_label_cross_entropy():
+    """ce_resolution=quarter: the cross-entropy of the 1/4-resolution logits against the labels downsampled to that
+    size by nearest neighbour at pixel centres (the reference resizes its label images with PIL's NEAREST to
+    int(H/4 + 0.5) x int(W/4 + 0.5) in train/train_TransKDBase.py), ignore pixels (255) staying ignored."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 19, 16, 24, generator=g)
+    labels = torch.randint(0, 19, (2, 64, 96), generator=g)
+    labels[:, 8:24, 4:40] = 255  # an ignored region, and single ignored pixels at some sampled centres
+    labels[0, 2::4, 2::8] = 255
+    # independently: output pixel i samples input row floor((i + 0.5) * 64 / 16), i.e. the centre pixel 4i + 2
+    rows = ((torch.arange(16) + 0.5) * 64 / 16).floor().long()
+    cols = ((torch.arange(24) + 0.5) * 96 / 24).floor().long()
+    small = labels[:, rows][:, :, cols]
+    assert (small == 255).any() and (small != 255).any()
+    keep = small != 255
+    log_p = torch.log_softmax(logits, 1).permute(0, 2, 3, 1)[keep]
+    expected = -log_p.gather(1, small[keep][:, None]).mean()
+    quarter = ce_loss(logits, labels, resolution="quarter")
+    assert torch.allclose(quarter, expected, rtol=1e-6, atol=1e-6)
+    # the ignored pixels contribute nothing: any class scores there leave the loss as it is
+    moved = logits.clone().permute(0, 2, 3, 1)
+    moved[~keep] = 100.0 * torch.randn(int((~keep).sum()), 19, generator=g)
+    assert torch.allclose(ce_loss(moved.permute(0, 3, 1, 2), labels, resolution="quarter"), quarter)
+    # the default upsamples the logits instead: another loss on the same inputs; typos are refused
+    assert not torch.allclose(ce_loss(logits, labels), quarter)
+    assert torch.equal(ce_loss(logits, labels), ce_loss(logits, labels, resolution="label"))
+    with pytest.raises(ValueError, match="resolution='quater'"):
+        ce_loss(logits, labels, resolution="quater")
+    # the same sampling as PIL's NEAREST resize, the reference's
+    image = pytest.importorskip("PIL.Image")
+    pil = image.fromarray(labels[0].to(torch.uint8).numpy()).resize((24, 16), image.NEAREST)
+    assert torch.equal(torch.tensor(np.array(pil)).long(), small[0])
+
+
+def test_the_method_passes_ce_resolution_to_the_cross_entropy():
+    student = build_model("mit_b0")
+    x, y = batch()
+    s = student.features(x)
+    assert build_method("none", None, student).options["ce_resolution"] == "label"
+    quarter = build_method("none", None, student, ce_resolution="quarter").loss(s, None, y)["ce"]
+    assert torch.equal(quarter, ce_loss(s.logits, y, resolution="quarter"))
+    assert torch.equal(build_method("none", None, student).loss(s, None, y)["ce"], ce_loss(s.logits, y))
+    with pytest.raises(ConfigError, match=r"ce_resolution='quater', expected one of label, quarter"):
+        build_method("none", None, student, ce_resolution="quater")
 
 
 def test_the_losses_compute_in_float32_from_bf16_taps():
@@ -299,3 +347,20 @@ def test_bad_configs_fail_before_training(b2_b0):
     assert n_params(build_method("none", None, student).modules) == 0
     assert n_params(build_method("review", None, student, hcl=0).modules) == 0
     build_method("kd", build_model("mit_b0"), build_model("mit_b1"))
+
+
+def test_ce_resolution_reaches_the_run_and_is_set_in_one_place(tmp_path, synthetic):
+    """distill.ce_resolution=quarter is the option of the method the run builds (method.json); the same option in
+    distill.weights is refused before any work, naming the key to use."""
+    data = synthetic(train=4, val=2, size=(64, 96))
+    common = ["data.size=64x96", f"data.root={data}", "teacher.variant=mit_b0", "train.steps=1", "train.batch_size=2",
+              "train.warmup_steps=0", "train.eval_every=100", "train.ckpt_every=100"]
+    code, _, err = run_cli("distill", "--run-dir", str(tmp_path / "q"), "distill.ce_resolution=quarter", *common)
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "q" / "method.json").read_text())
+    assert recorded["options"]["ce_resolution"] == "quarter"
+    code, _, err = run_cli("distill", "--run-dir", str(tmp_path / "w"), "distill.weights.ce_resolution=quarter",
+                           *common)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: distill.weights.ce_resolution: set it as distill.ce_resolution (label or quarter)")
+    assert not (tmp_path / "w" / "config.yaml").exists()

@@ -21,10 +21,29 @@ def resize_to(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixel cross-entropy at label resolution (logits upsampled bilinearly), 255 = ignore."""
-    return F.cross_entropy(resize_to(logits.float(), labels.shape[1:]), labels.long(), weight=class_weights,
-                           ignore_index=IGNORE_INDEX)
+CE_RESOLUTIONS = ("label", "quarter")
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None,
+            resolution: str = "label") -> torch.Tensor:
+    """Pixel cross-entropy, 255 = ignore, at one of two resolutions:
+
+    - "label" (the default): the logits are upsampled bilinearly to the labels' size, so every labelled pixel is
+      scored, at the resolution the evaluator scores at.
+    - "quarter" (the TransKD reference's choice): the labels are downsampled to the logits' size (1/4 of the input)
+      by nearest neighbour, sampling each output pixel's centre as PIL's NEAREST resize does ("nearest-exact"):
+      no label is blended with another, so ignore pixels stay 255 and stay ignored. Cheaper; the loss sees only
+      one label in 16.
+    """
+    logits = logits.float()
+    if resolution == "quarter":
+        if tuple(labels.shape[1:]) != tuple(logits.shape[2:]):
+            labels = F.interpolate(labels[:, None].float(), size=tuple(logits.shape[2:]), mode="nearest-exact")[:, 0]
+    elif resolution == "label":
+        logits = resize_to(logits, labels.shape[1:])
+    else:
+        raise ValueError(f"ce_loss: resolution={resolution!r}, expected one of {', '.join(CE_RESOLUTIONS)}")
+    return F.cross_entropy(logits, labels.long(), weight=class_weights, ignore_index=IGNORE_INDEX)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.distill.csf import CrossSelectiveFusion, hcl_loss
 from pipeline.distill.embedding import EmbeddingAssistant, GlobalLocalMixer, PatchEmbedAlign, resize_tokens
-from pipeline.distill.losses import ce_loss, cwd_loss, kd_loss, resize_to
+from pipeline.distill.losses import CE_RESOLUTIONS, ce_loss, cwd_loss, kd_loss, resize_to
 from pipeline.errors import ConfigError
 from pipeline.models.mit import SegFormerConfig
 from pipeline.models.segformer import SegFormer, Taps
@@ -49,7 +49,9 @@ METHODS: dict[str, MethodSpec] = {
     "transkd-ea": MethodSpec("TransKD-EA: TransKD-Base with the Embedding Assistant",
                              {"ce": 1.0, "hcl": 1.0, "pea": 1.0}, ("csf", "pea", "ea"), {**CSF, **PEA}),
 }
-COMMON_OPTIONS: dict[str, object] = {"class_weights": None}
+# ce_resolution: where the cross-entropy is taken, "label" (logits upsampled to the labels, the default) or
+# "quarter" (labels downsampled to the 1/4-resolution logits, the reference's); see losses.ce_loss
+COMMON_OPTIONS: dict[str, object] = {"class_weights": None, "ce_resolution": "label"}
 
 Builder = Callable[[SegFormerConfig, SegFormerConfig, dict], nn.Module]
 MODULES: dict[str, Builder] = {  # train-only module name -> builder(student config, teacher config, options)
@@ -107,7 +109,8 @@ class DistillMethod:
         terms: dict[str, torch.Tensor] = {}
         if "ce" in w:
             cw = self._class_weights
-            terms["ce"] = ce_loss(student.logits, labels, cw.to(student.logits.device) if cw is not None else None)
+            terms["ce"] = ce_loss(student.logits, labels, cw.to(student.logits.device) if cw is not None else None,
+                                  resolution=str(self.options["ce_resolution"]))
         if "kd" in w:
             terms["kd"] = kd_loss(student.logits, teacher.logits, float(self.options["temperature"]))
         if "cwd" in w:
@@ -165,7 +168,8 @@ class ResolvedMethod:
 def resolve_method(name: str, teacher: SegFormerConfig | None, student: SegFormerConfig,
                    **overrides) -> ResolvedMethod:
     """Settle a method of the table for a teacher/student pair of configs; `overrides` set loss weights (by term
-    name) or options (temperature, tau, cwd_on, csf_mid, pea_stage_weights, gl_heads, class_weights).
+    name) or options (temperature, tau, cwd_on, csf_mid, pea_stage_weights, gl_heads, class_weights,
+    ce_resolution).
 
     Every inconsistency is a ConfigError here, from the configs alone: the CLI checks a run with it before any data
     is made or model built, and build_method with the same call.
@@ -250,6 +254,9 @@ def _check_options(name: str, o: dict, s: SegFormerConfig) -> None:
     if "gl_heads" in o and (not isinstance(o["gl_heads"], int) or o["gl_heads"] < 1 or s.dims[-1] % o["gl_heads"]):
         raise ConfigError(f"method {name}: gl_heads={o['gl_heads']!r} must divide the student's stage-4 width "
                           f"{s.dims[-1]}")
+    if o.get("ce_resolution", "label") not in CE_RESOLUTIONS:
+        raise ConfigError(f"method {name}: ce_resolution={o['ce_resolution']!r}, expected one of "
+                          f"{', '.join(CE_RESOLUTIONS)}")
     cw = o.get("class_weights")
     if cw is not None and (not isinstance(cw, (list, tuple)) or len(cw) != s.num_classes):
         raise ConfigError(f"method {name}: class_weights has {len(cw) if isinstance(cw, (list, tuple)) else cw!r} "

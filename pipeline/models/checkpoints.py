@@ -1,4 +1,5 @@
-"""Load and save SegFormer weights: our safetensors + JSON sidecar, and Hugging Face, NVlabs and mmseg imports."""
+"""Load and save SegFormer weights: our safetensors + JSON sidecar, and Hugging Face, NVlabs, mmseg and TransKD
+reference imports."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from pipeline.models.mit import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
 from pipeline.models.segformer import ModelMeta, SegFormer
 
 SAFETENSORS_FORMAT = "transkd-deploy/segformer"  # the safetensors header's own `format` metadata
-FORMATS = ("ours", "nvlabs", "hf", "mmseg")
+FORMATS = ("ours", "nvlabs", "hf", "mmseg", "transkd")
+# A format whose tensor names are another's, only under other scope prefixes, reads that format's MAPPING column.
+SAME_NAMES = {"transkd": "nvlabs"}
 
 
 class Cat:
@@ -47,19 +50,25 @@ class Conv1x1:
 # Where each of our tensors lives in the foreign formats. {s}: stage (0-based), {s1}: stage (1-based),
 # {b}: block, {p}: parameter or buffer name, {bb}: the backbone prefix found in the file ("backbone.",
 # "segformer." or "" for encoder-only files). None: the format has no such tensor.
-#   nvlabs: NVlabs/SegFormer (mmseg 0.x based; the TransKD reference code uses the same names)
-#   hf:     Hugging Face SegformerForSemanticSegmentation as save_pretrained writes it
-#   mmseg:  mmsegmentation >= 0.20 and 1.x MixVisionTransformer + SegformerHead
-SCOPES = {  # scope: prefix per format (ours, nvlabs, hf, mmseg)
+#   nvlabs:  NVlabs/SegFormer (mmseg 0.x based): MixVisionTransformer under `backbone.`, SegFormerHead under
+#            `decode_head.`
+#   hf:      Hugging Face SegformerForSemanticSegmentation as save_pretrained writes it
+#   mmseg:   mmsegmentation >= 0.20 and 1.x MixVisionTransformer + SegformerHead
+#   transkd: the TransKD reference code (RuipingL/TransKD, train/models/Segformer.py, `mit_b0`..`mit_b5`): one
+#            module holds NVlabs' encoder and head side by side, so the head's `linear_c1..4`, `linear_fuse`
+#            and `linear_pred` sit at the top level next to `patch_embed1`; names as NVlabs' (SAME_NAMES).
+#            Its scripts save model.state_dict() (keys `module.`-prefixed under nn.DataParallel) or a dict
+#            with it under `state_dict`.
+SCOPES = {  # scope: prefix per format (ours, nvlabs, hf, mmseg, transkd)
     "embed": ("encoder.stages.{s}.embed.", "{bb}patch_embed{s1}.", "{bb}encoder.patch_embeddings.{s}.",
-              "{bb}layers.{s}.0."),
+              "{bb}layers.{s}.0.", "{bb}patch_embed{s1}."),
     "block": ("encoder.stages.{s}.blocks.{b}.", "{bb}block{s1}.{b}.", "{bb}encoder.block.{s}.{b}.",
-              "{bb}layers.{s}.1.{b}."),
-    "stage": ("encoder.stages.{s}.", "{bb}", "{bb}encoder.", "{bb}layers.{s}."),
-    "stage_head": ("head.", "decode_head.", "decode_head.", "decode_head."),
-    "head": ("head.", "decode_head.", "decode_head.", "decode_head."),
+              "{bb}layers.{s}.1.{b}.", "{bb}block{s1}.{b}."),
+    "stage": ("encoder.stages.{s}.", "{bb}", "{bb}encoder.", "{bb}layers.{s}.", "{bb}"),
+    "stage_head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}"),
+    "head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}"),
 }
-MAPPING = [  # (scope, ours, nvlabs, hf, mmseg)
+MAPPING = [  # (scope, ours, nvlabs, hf, mmseg); the transkd column is nvlabs' (SAME_NAMES)
     ("embed", "proj.{p}", "proj.{p}", "proj.{p}", "projection.{p}"),
     ("embed", "norm.{p}", "norm.{p}", "layer_norm.{p}", "norm.{p}"),
     ("block", "norm1.{p}", "norm1.{p}", "layer_norm_1.{p}", "norm1.{p}"),
@@ -104,7 +113,12 @@ HF5_RENAMES = [
     (r"decode_head\.linear_projections\.", "decode_head.linear_c."),
 ]
 FORMAT_NAMES = {"ours": "transkd-deploy", "nvlabs": "NVlabs/mmseg-0.x SegFormer", "hf": "Hugging Face SegFormer",
-                "mmseg": "mmsegmentation MiT/SegFormer"}
+                "mmseg": "mmsegmentation MiT/SegFormer", "transkd": "TransKD reference SegFormer"}
+
+
+def _cell(row: tuple, fmt: str):
+    """The foreign-name cell of one MAPPING row for `fmt`."""
+    return row[1 + FORMATS.index(SAME_NAMES.get(fmt, fmt))]
 
 
 def _foreign_names(scope: str, template, fmt: str, **idx) -> list[str]:
@@ -119,8 +133,8 @@ def mapping_for(model: SegFormer, fmt: str, bb: str) -> dict[str, tuple[object, 
     cfg = model.config
     ours = set(model.state_dict())
     out: dict[str, tuple[object, list[str]]] = {}
-    for scope, *cells in MAPPING:
-        ours_t, foreign_t = cells[0], cells[FORMATS.index(fmt)]
+    for row in MAPPING:
+        scope, ours_t, foreign_t = row[0], row[1], _cell(row, fmt)
         if foreign_t is None:
             continue
         for s in [0] if scope == "head" else range(len(cfg.dims)):
@@ -250,14 +264,27 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, str]:
-    """Which key scheme the file uses and the backbone prefix in front of its encoder keys."""
+    """Which key scheme the file uses and the backbone prefix in front of its encoder keys: among the formats whose
+    first encoder tensor is in the file, the one that finds the most decode-head weights there, the first on a tie
+    (NVlabs and the TransKD reference share encoder names and differ only in where the head sits)."""
+
+    def head_weights(fmt: str, bb: str) -> int:
+        names = {n for row in MAPPING if row[0] in ("head", "stage_head") and _cell(row, fmt) is not None
+                 for s in range(4) for n in _foreign_names(row[0], _cell(row, fmt), fmt, s=s, s1=s + 1, p="weight",
+                                                           bb=bb)}
+        return sum(n in state for n in names)
+
+    found = []
     for fmt in FORMATS:
-        (anchor,) = _foreign_names("embed", MAPPING[0][1 + FORMATS.index(fmt)], fmt, s=0, s1=1, p="weight", bb="")
+        (anchor,) = _foreign_names("embed", _cell(MAPPING[0], fmt), fmt, s=0, s1=1, p="weight", bb="")
         for key in state:
             if key.endswith(anchor):
                 bb = key[: -len(anchor)]
                 if bb == "" or bb.endswith("."):
-                    return fmt, bb
+                    found.append((fmt, bb))
+                    break
+    if found:
+        return max(found, key=lambda f: head_weights(*f))  # max keeps the first of equals
     shown = ", ".join(list(state)[:4])
     raise CheckpointError(
         f"{path}: not a SegFormer/MiT checkpoint; no key scheme of {', '.join(FORMAT_NAMES.values())} "
@@ -283,7 +310,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
 
     def name(scope: str, ours_t: str, **idx) -> str:
         row = next(r for r in MAPPING if r[0] == scope and r[1] == ours_t)
-        return _foreign_names(scope, row[1 + FORMATS.index(fmt)], fmt, bb=bb, **idx)[0]
+        return _foreign_names(scope, _cell(row, fmt), fmt, bb=bb, **idx)[0]
 
     dims, depths, sr, patch = [], [], [], []
     while (k := name("embed", "proj.{p}", s=len(dims), s1=len(dims) + 1, p="weight")) in state:
@@ -301,7 +328,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
         raise CheckpointError(f"{path}: {FORMAT_NAMES[fmt]} keys found, but stage blocks are missing")
     cls_key = name("head", "classifier.{p}", s=0, s1=1, p="weight")
     fuse_key = name("head", "fuse.{p}", s=0, s1=1, p="weight")
-    has_head = cls_key in state and fuse_key in state
+    has_head = cls_key in state or fuse_key in state  # one of them missing: a damaged head, not encoder-only
 
     hf = extra.get("hf_config", {})
     side_config = extra["sidecar"].details["config"] if "sidecar" in extra else None
@@ -309,11 +336,9 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
         raise CheckpointError(f"{artifacts.sidecar_path(path)}: field 'details.config': expected an object")
     table = variant_of(dims, depths)
     heads = _heads(side_config or hf, table, dims, depths, path)
-    if has_head:
-        decoder_dim, ckpt_classes = state[fuse_key].shape[0], state[cls_key].shape[0]
-    else:
-        decoder_dim = hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256)
-        ckpt_classes = None
+    decoder_dim = (state[fuse_key].shape[0] if fuse_key in state
+                   else hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256))
+    ckpt_classes = state[cls_key].shape[0] if cls_key in state else None
     if side_config:
         cfg = _sidecar_config(side_config, path)
     else:
@@ -323,7 +348,7 @@ def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None
             num_classes=ckpt_classes or 19, sr_ratios=tuple(sr), mlp_ratio=fc1.shape[0] // dims[0],
             patch_sizes=tuple(patch), strides=tuple((k + 1) // 2 for k in patch),
             head_style="mmseg" if fmt == "mmseg" and has_head else "mlp",
-            norm_eps=NORM_EPS.get(fmt, NORM_EPS["nvlabs"]),
+            norm_eps=NORM_EPS.get(SAME_NAMES.get(fmt, fmt), NORM_EPS["nvlabs"]),
         )
     if num_classes is not None and num_classes != cfg.num_classes:
         cfg = SegFormerConfig(**{**asdict(cfg), "num_classes": num_classes})
