@@ -38,6 +38,7 @@ import numpy as np
 from pipeline.cli import Parser, cli_main
 from pipeline.errors import InputError
 from pipeline.io import atomic_path
+from pipeline.timing import camera_frames
 
 SCHEMA = "transkd-gpu-check/1"
 PACKAGES = ("torch", "triton", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12",
@@ -111,14 +112,6 @@ def checkpoint(check: Check, role: str) -> Path:
     return path
 
 
-def frames(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
-    """Camera-like BGR frames: a smooth ramp with noise."""
-    rng, (h, w) = np.random.default_rng(seed), size
-    ramp = np.linspace(0, 200, w, dtype=np.float32)[None, :, None] + np.linspace(0, 55, h, dtype=np.float32)[:, None,
-                                                                                                          None]
-    return [np.clip(ramp + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
-
-
 def agreement(a: np.ndarray | list, b: np.ndarray | list) -> float:
     return float(np.mean(np.asarray(a) == np.asarray(b)))
 
@@ -186,11 +179,11 @@ def cuda_runtime(check: Check) -> dict:
     if not check.device.startswith("cuda"):
         raise Skip("needs a CUDA device")
     need("cuda", "cuda-bindings: pip install the GPU set's cuda-bindings")
+    from pipeline.infer import cuda_index
     from trt.runtime import _Buffer, cuda_check, cudart, pinned_array
 
     rt, n = cudart(), 1 << 20
-    index = int(check.device.split(":")[1]) if ":" in check.device else 0
-    cuda_check("cudaSetDevice", rt.cudaSetDevice(index))
+    cuda_check("cudaSetDevice", rt.cudaSetDevice(cuda_index(check.device)))
     stream = cuda_check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
     a, b = _Buffer(), _Buffer()
     try:
@@ -272,7 +265,7 @@ def _segmenter(check: Check) -> dict:
 
     path, size = checkpoint(check, "student"), check.sizes[0]
     cam = (270, 480) if check.smoke else (1080, 1920)
-    batch = frames(2, cam)
+    batch = camera_frames(2, cam)
     ref = Segmenter.open(path, device="cpu", size=size).predict(batch)
     rows = []
     modes = [("fp32", "eager"), ("bf16", "eager")]
@@ -297,6 +290,7 @@ def train_step(check: Check) -> dict:
     precision `train.amp=auto` picks here against float32, timed side by side on one batch."""
     import torch
 
+    from benchmarks.train_speed import make_step
     from pipeline import amp
     from pipeline.models import build_model
 
@@ -309,7 +303,7 @@ def train_step(check: Check) -> dict:
     rows = []
     for name in ("none", "transkd-base"):
         for dtype in dict.fromkeys([None, choice.dtype]):
-            step = _step(name, teacher, check, dtype, x, y)
+            step = make_step(name, teacher, check.models["student"], x, y, dtype)
             ms = timed(step, check.sync, 2, 2 if check.smoke else 10)
             rows.append({"method": name, "amp": amp.NAMES[dtype], "batch": batch, "size": f"{size[0]}x{size[1]}",
                          "step_ms_median": float(np.median(ms)), "images_per_s": 1e3 * batch / float(np.median(ms)),
@@ -321,34 +315,6 @@ def train_step(check: Check) -> dict:
             "table": f"autocast chosen by train.amp=auto: {choice.name} ({choice.reason})\n\n"
                      + md_table(rows, ["method", "amp", "batch", "size", "step_ms_median", "images_per_s",
                                        "speedup_vs_fp32", "loss"])}
-
-
-def _step(name: str, teacher, check: Check, dtype, x, y) -> Callable[[], float]:
-    """One optimizer step as the Trainer takes it: teacher taps, student taps and loss under autocast, scaled
-    backward (GradScaler for fp16), AdamW."""
-    import torch
-
-    from pipeline.amp import autocast
-    from pipeline.distill import build_method
-    from pipeline.models import build_model
-
-    student = build_model(check.models["student"]).to(check.device).train()
-    method = build_method(name, teacher, student)
-    method.modules.to(check.device).train()
-    params = list(student.parameters()) + list(method.modules.parameters())
-    opt = torch.optim.AdamW(params, lr=6e-5)
-    scaler = torch.amp.GradScaler(torch.device(check.device).type, enabled=dtype == torch.float16)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        with autocast(dtype, check.device):
-            loss = method.loss(student.features(x), method.teacher_features(x), y)["total"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return float(loss.detach())
-
-    return step
 
 
 def distill_args(check: Check, run_dir: Path) -> list[str]:
@@ -427,7 +393,7 @@ def compare_runs(check: Check, items: list[tuple[Path, str]], kind: str) -> dict
     from pipeline.timing import Target, prepare, results, run_interleaved
 
     ref_path = check.work / "run" / "student.onnx"
-    test = frames(4, check.sizes[0], seed=3)
+    test = camera_frames(4, check.sizes[0], seed=3)
     ref = Segmenter.open(ref_path, provider="cpu").predict(test)
     rows = []
     for path, provider in items:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.amp import autocast
 from pipeline.cli import Parser, cli_main
 from pipeline.config import parse_size
 from pipeline.distill import METHODS, build_method
@@ -26,18 +27,24 @@ from pipeline.io import write_json
 from pipeline.models import VARIANTS, build_model
 
 
-def make_step(name: str, teacher, student_variant: str, x: torch.Tensor, y: torch.Tensor):
-    student = build_model(student_variant).train()
+def make_step(name: str, teacher, student_variant: str, x: torch.Tensor, y: torch.Tensor,
+              amp_dtype: torch.dtype | None = None):
+    """One optimizer step as the Trainer takes it, on x's device: teacher taps, student taps and the loss under
+    autocast in `amp_dtype` (None: float32), a scaled backward (GradScaler for fp16), AdamW."""
+    student = build_model(student_variant).to(x.device).train()
     method = build_method(name, teacher, student)
-    method.modules.train()
+    method.modules.to(x.device).train()
     opt = torch.optim.AdamW(list(student.parameters()) + list(method.modules.parameters()), lr=6e-5)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp_dtype == torch.float16)
 
     def step() -> float:
-        loss = method.loss(student.features(x), method.teacher_features(x), y)
         opt.zero_grad(set_to_none=True)
-        loss["total"].backward()
-        opt.step()
-        return loss["total"].item()
+        with autocast(amp_dtype, x.device):
+            loss = method.loss(student.features(x), method.teacher_features(x), y)["total"]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.item()
 
     return step
 

@@ -72,7 +72,7 @@ class Target:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _frames(batch: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+def camera_frames(batch: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
     """Camera-like BGR frames: smooth gradients plus noise (constant frames would flatter some kernels)."""
     rng = np.random.default_rng(seed)
     h, w = size
@@ -135,7 +135,7 @@ def prepare(t: Target, batch: int, size: tuple[int, int] | None, frame_size: tup
     net = seg.size or size
     if net is None:
         raise InputError(f"{t.path}: the network takes any size: give --size HxW")
-    frames = _frames(batch, frame_size or net)
+    frames = camera_frames(batch, frame_size or net)
     t.info = {**seg.describe(), **({"deploy_copy": o.get("deploy", False)} if t.kind == "checkpoint" else {}),
               "batch": batch, "size": f"{net[0]}x{net[1]}",
               "frame_size": f"{(frame_size or net)[0]}x{(frame_size or net)[1]}"}
@@ -402,5 +402,5 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SCHEMA", "STATS", "Target", "foreign", "machine", "parse_amount", "prepare", "random_inputs", "results",
-           "run_interleaved", "summarize", "table"]
+__all__ = ["SCHEMA", "STATS", "Target", "camera_frames", "foreign", "machine", "parse_amount", "prepare",
+           "random_inputs", "results", "run_interleaved", "summarize", "table"]
