@@ -242,6 +242,12 @@ class Checkpointer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
 
+    def remove_partial(self) -> None:
+        """What a write killed midway left in the folder: every hidden file there is a temporary one (io.atomic_path's
+        `.<name>.tmp<pid>`, and safetensors' own `.tmpXXXXXX` beside it), never a state."""
+        for partial in self.folder.glob(".*") if self.folder.is_dir() else []:
+            partial.unlink(missing_ok=True)
+
     def _unresumable(self, problem: str) -> TrainingError:
         return TrainingError(f"{problem}; the {self.role} training cannot resume from it: train.resume=never starts "
                              "it over in this run directory, or use a new --run-dir")
@@ -364,6 +370,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the run directory's newest state, unless train.resume=never."""
+        if self.env.main:
+            self.ckpt.remove_partial()
         state = None if self.t.resume == "never" else self.ckpt.load_last()
         if state is None:
             return

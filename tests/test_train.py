@@ -187,3 +187,20 @@ def test_cli_errors_are_one_line(tmp_path):
                                "data.synthetic_val=1", "data.synthetic_size=64x64", cwd=tmp_path, timeout=300)
         last = err.strip().splitlines()[-1]
         assert code == 2 and last.startswith("error:") and expected in last and "Traceback" not in err, (argv, err)
+
+
+def test_a_write_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
+    """A kill inside a state's write leaves temporary files in checkpoints/<role> (io.atomic_path's and the ones
+    safetensors writes beside its target); the next Checkpointer run removes them and keeps every state."""
+    from pipeline.train import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, "teacher", 2, {"k": 1})
+    ckpt.save(1, {"step": 1, "w": torch.ones(2)})
+    partial = [ckpt.folder / ".step-0000002.safetensors.tmp4242", ckpt.folder / ".tmpeizLEs",
+               ckpt.folder / ".last.json.tmp4242"]
+    for p in partial:
+        p.write_bytes(b"half")
+    ckpt.remove_partial()
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == ["last.json", "step-0000001.json",
+                                                             "step-0000001.safetensors"]
+    assert ckpt.load_last()["step"] == 1
