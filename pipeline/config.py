@@ -38,7 +38,7 @@ class DataConfig:
 class ModelConfig:
     variant: str = "mit_b0"
     checkpoint: str = ""  # any file load_model accepts; empty: train it (teacher) or start fresh (student)
-    pretrained: str = ""  # encoder-only ImageNet MiT checkpoint to initialise the backbone from
+    pretrained: str = ""  # encoder-only ImageNet checkpoint (MiT, PVTv2, LVT) to initialise the backbone from
     steps: int = 0  # training steps for this model; 0: train.steps
 
 

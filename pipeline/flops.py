@@ -1,14 +1,15 @@
-"""Parameters and multiply-accumulates (what papers call "GFLOPs") of SegFormer models, checkpoints and ONNX graphs.
+"""Parameters and multiply-accumulates (what papers call "GFLOPs") of segmentation models, checkpoints and ONNX
+graphs.
 
 Two counts per model:
 - paper: module hooks the way mmcv 1.x `get_model_complexity_info` counts (convolutions and linear layers with
-  their biases, norms, ReLU); the attention matmuls are functional calls, not modules, so they are missed. This
-  is the convention of the TransKD and SegFormer tables (B0 13.67, B2 113.84 at 512x1024).
-- full: the paper count plus the two attention matmuls (Q K^T and A V) of every efficient self-attention.
-An ONNX file is counted from its graph instead: every Conv, MatMul and Gemm after shape inference, without
-biases or norms (no paper count exists for a graph).
+  their biases, norms, ReLU, nn.Upsample); the attention matmuls are functional calls, not modules, so they are
+  missed. This is the convention of the TransKD and SegFormer tables (B0 13.67, B2 113.84 at 512x1024).
+- full: the paper count plus the matmuls every attention layer does functionally (Q K^T and A V, and LVT's
+  fixed unfold/fold), which each attention module declares in its `attention_macs(*forward_args)`.
+An ONNX file is counted from its graph instead: every Conv, ConvTranspose, MatMul and Gemm after shape inference,
+without biases or norms (no paper count exists for a graph).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models import VARIANTS, build_model, load_model
-from pipeline.models.mit import EfficientSelfAttention
 from pipeline.onnxinfo import graph_inputs
 
 
@@ -34,11 +34,13 @@ class MacCount:
     linear_bias: int = 0  # mmcv adds out_features once per call, not per token: we keep that quirk
     norm: int = 0  # LayerNorm / BatchNorm: elements, x2 when affine
     activation: int = 0  # ReLU (mmcv counts no GELU)
+    upsample: int = 0  # nn.Upsample modules: one per output element (mmcv); functional interpolation is not counted
     attention: int = 0  # Q K^T and A V: 2 * N * N' * C per attention layer
 
     @property
     def paper(self) -> int:
-        return self.conv + self.conv_bias + self.linear + self.linear_bias + self.norm + self.activation
+        return (self.conv + self.conv_bias + self.linear + self.linear_bias + self.norm + self.activation
+                + self.upsample)
 
     @property
     def full(self) -> int:
@@ -63,15 +65,14 @@ def count_model(model: nn.Module, size: tuple[int, int]) -> MacCount:
             count.norm += x.numel() * (2 if affine else 1)
         elif isinstance(module, nn.ReLU):
             count.activation += output.numel()
-        elif isinstance(module, EfficientSelfAttention):
-            b, n, c = x.shape
-            h, w = args[1], args[2]
-            r = module.sr_ratio
-            n_kv = (h // r) * (w // r)
-            count.attention += 2 * b * n * n_kv * c
+        elif isinstance(module, nn.Upsample):
+            count.upsample += output.numel()
+        if hasattr(module, "attention_macs"):  # an attention layer declares its own functional matmuls
+            count.attention += module.attention_macs(*args)
 
-    kinds = (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.ReLU, EfficientSelfAttention)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    kinds = (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.ReLU, nn.Upsample)
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, kinds) or hasattr(m, "attention_macs")]
     try:
         with torch.inference_mode():
             model.eval()(torch.zeros(1, 3, *size))
@@ -121,6 +122,9 @@ def count_onnx(path: Path, size: tuple[int, int]) -> MacCount:
         if node.op_type == "Conv":
             out, w = known(node.output[0], node), known(node.input[1], node)
             count.conv += _prod(out) * _prod(w[1:])
+        elif node.op_type == "ConvTranspose":  # every input element meets C_out / groups x kH x kW weights
+            x, w = known(node.input[0], node), known(node.input[1], node)
+            count.conv += _prod(x) * _prod(w[1:])
         elif node.op_type in ("MatMul", "Gemm"):
             a, out = known(node.input[0], node), known(node.output[0], node)
             trans_a = any(at.name == "transA" and at.i for at in node.attribute)

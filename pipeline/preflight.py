@@ -19,7 +19,7 @@ from pipeline.config import Config, ModelConfig, method_options
 from pipeline.errors import ConfigError, DataError, InputError, PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.models.mit import SegFormerConfig
+    from pipeline.models.registry import SegFormerConfig
 
 def check(cfg: Config, stages: list[str], args: argparse.Namespace, run_dir: Path) -> None:
     """Every check of a run of `stages` with `cfg` and the stage flags in `args`, before any work; the first
@@ -110,7 +110,7 @@ def checkpoint_config(path: Path, key: str, num_classes: int | None = None) -> S
     file); with `num_classes`, as a backbone gets it (the head resized). A file that does not load is refused here."""
     from pipeline.artifacts import read_sidecar
     from pipeline.models import load_model
-    from pipeline.models.mit import SegFormerConfig
+    from pipeline.models.registry import SegFormerConfig
 
     if not path.exists():
         raise InputError(f"{path}: no such file or directory ({key}); give an existing checkpoint or drop {key}")
@@ -149,7 +149,7 @@ def check_classes(key: str, path: str | Path, found: int, cfg: Config) -> None:
 def model_config(role: str, spec: ModelConfig, cfg: Config) -> SegFormerConfig:
     """The architecture stages.new_model makes for `role` (spec.checkpoint, spec.pretrained, or spec.variant from
     scratch), with every file it would read checked: present, of spec.variant, of the dataset's classes."""
-    from pipeline.models.mit import SegFormerConfig
+    from pipeline.models.registry import SegFormerConfig
 
     n = dataset_classes(cfg)
     if spec.pretrained and not Path(spec.pretrained).exists():

@@ -19,7 +19,8 @@ from tests.reference_segformer import MmSegFormer, NvSegFormer, TkSegFormer, ran
 
 
 def hf_model(variant: str, num_labels: int = 19, cls=SegformerForSemanticSegmentation):
-    dims, depths, heads, dec = VARIANTS[variant]
+    v = VARIANTS[variant]
+    dims, depths, heads, dec = v.dims, v.depths, v.heads, v.decoder_dim
     cfg = HFConfig(hidden_sizes=list(dims), depths=list(depths), num_attention_heads=list(heads),
                    decoder_hidden_size=dec, num_labels=num_labels)
     return randomize_(cls(cfg))
@@ -93,7 +94,8 @@ def test_hugging_face_encoder_only_initialises_a_backbone(tmp_path):
 
 
 def _reference(kind: str, variant: str, classes: int = 19):
-    dims, depths, heads, dec = VARIANTS[variant]
+    v = VARIANTS[variant]
+    dims, depths, heads, dec = v.dims, v.depths, v.heads, v.decoder_dim
     cls = NvSegFormer if kind == "nvlabs" else MmSegFormer
     return randomize_(cls(dims, depths, heads, dec, classes), seed=zlib.crc32(f"{kind}/{variant}".encode()))
 
@@ -182,7 +184,8 @@ def test_new_class_count_replaces_the_classifier_non_strictly(tmp_path):
 
 
 def _transkd_reference(variant: str, classes: int = 19):
-    dims, depths, heads, dec = VARIANTS[variant]
+    v = VARIANTS[variant]
+    dims, depths, heads, dec = v.dims, v.depths, v.heads, v.decoder_dim
     return randomize_(TkSegFormer(dims, depths, heads, dec, classes), seed=zlib.crc32(f"transkd/{variant}".encode()))
 
 

@@ -53,7 +53,25 @@ def test_parameter_anchors_b2_to_b0(b2_b0):
     assert modules["transkd-ea"]["ea"] == 970_952
 
 
-@pytest.mark.parametrize("pair", [("mit_b5", "mit_b1"), ("mit_b1", "mit_b0"), ("mit_b2", "mit_b2")])
+def test_train_only_modules_start_as_the_reference_initialises_them():
+    # CSF's reduce / project convs: kaiming_uniform(a=1), std 1/sqrt(fan_in) (PyTorch's default: 0.58x that);
+    # EA's patch-embedding convs: N(0, sqrt(2 / fan_out)) with zero bias, as the reference's MiT patch embedding
+    torch.manual_seed(0)
+    method = build_method("transkd-ea", build_model("mit_b2"), build_model("mit_b0"))
+    for unit in method.modules["csf"].units:
+        for conv in (unit.reduce[0], unit.project[0]):
+            fan_in = conv.weight[0].numel()
+            assert conv.weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.1)
+            assert conv.weight.abs().max().item() <= (3 / fan_in) ** 0.5
+    for embed in method.modules["ea"].embed:
+        w = embed.proj.weight
+        fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+        assert w.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+        assert not embed.proj.bias.any()
+
+
+@pytest.mark.parametrize("pair", [("mit_b5", "mit_b1"), ("mit_b1", "mit_b0"), ("mit_b2", "mit_b2"),
+                                  ("pvt_v2_b2", "pvt_v2_b0"), ("mit_b2", "pvt_v2_b0"), ("mit_b2", "lvt")])
 def test_other_pairs_build_and_train(pair):
     teacher, student = build_model(pair[0]), build_model(pair[1])
     x, y = batch(2, 64, 64)

@@ -242,3 +242,30 @@ def test_export_of_a_hugging_face_folder(tmp_path, data):
     with torch.no_grad():
         ref = hf(pixel_values=torch.from_numpy(x)).logits.numpy()
     assert ours.shape == ref.shape == (1, 19, 16, 32) and np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("variant", ["pvt_v2_b0", "lvt"])
+def test_every_family_exports_with_parity_dynamic_shapes_and_int8(tmp_path, data, variant):
+    """The new students go through the same export as MiT: standard opset >= 17 graph, parity with PyTorch, a
+    dynamic graph at another batch and a size that is not a multiple of 32, and an INT8 Q/DQ graph."""
+    from tests.conftest import spread_student
+
+    train, val = data
+    model = spread_student(variant=variant)
+    report = export_student(model, tmp_path / "static", plain(int8=True, parity_frames=2, calibration_frames=4,
+                                                              int8_backend="ort", eval_frames=2), val, train)
+    par = report["artifacts"]["fp32"]["parity"]
+    assert par["max_abs_logit_diff"] <= 1e-3 and par["argmax_agreement"] >= 0.999
+    graph = onnx.load(str(tmp_path / "static" / "student.onnx"))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}
+    assert artifacts.read_sidecar(tmp_path / "static" / "student.onnx").variant == variant
+    assert report["artifacts"]["int8"]["quantization"]["quantized_nodes"] > 0
+    assert report["artifacts"]["int8"]["parity"]["argmax_agreement"] >= 0.8
+
+    export_student(model, tmp_path / "dynamic", plain(dynamic=True, parity_frames=2), val, train)
+    x = np.random.default_rng(0).standard_normal((2, 3, 70, 90)).astype(np.float32)
+    out = ort_session(tmp_path / "dynamic" / "student.onnx").run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert out.shape == ref.shape == (2, 19, 18, 23) and np.abs(out - ref).max() <= 1e-3

@@ -14,16 +14,37 @@ def test_parameter_anchors_of_the_reference_pair():
     assert round(n_params(build_model("mit_b2", num_classes=19)) / 1e6, 2) == 27.36
 
 
+def test_parameter_anchors_of_the_other_families():
+    # counted by building the TransKD reference code's own models with 19 outputs (docs/method.md section 8)
+    pvt_b0, pvt_b2 = build_model("pvt_v2_b0"), build_model("pvt_v2_b2")
+    assert (n_params(pvt_b0), n_params(pvt_b0.encoder)) == (7_527_539, 3_409_760)
+    assert (n_params(pvt_b2), n_params(pvt_b2.encoder)) == (29_098_707, 24_849_856)
+    lvt = build_model("lvt")
+    assert (n_params(lvt), n_params(lvt.encoder)) == (3_836_919, 3_429_092)
+    assert n_params(build_model("lvt", num_classes=20)) == 3_837_176  # the reference's 19 classes + void
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_builds_from_the_table_and_runs(variant):
-    dims, depths, heads, dec = VARIANTS[variant]
+    row = VARIANTS[variant]
     model = build_model(variant, num_classes=7).eval()
-    assert [len(s.blocks) for s in model.encoder.stages] == list(depths)
-    assert [s.embed.proj.out_channels for s in model.encoder.stages] == list(dims)
-    assert [s.blocks[0].attn.heads for s in model.encoder.stages] == list(heads)
-    assert model.head.fuse.out_channels == dec
+    assert model.config.variant == variant and model.config.mlp_ratios == row.mlp_ratios
+    assert [len(s.blocks) for s in model.encoder.stages] == list(row.depths)
+    assert [s.embed.proj.out_channels for s in model.encoder.stages] == list(row.dims)
+    assert [s.blocks[0].attn.heads for s in model.encoder.stages] == list(row.heads)
+    assert [s.blocks[0].ffn.fc1.out_features for s in model.encoder.stages] == [
+        c * r for c, r in zip(row.dims, row.mlp_ratios)]
+    if row.head_style == "fpn":
+        assert [c.out_channels for c in model.head.lateral] == [row.decoder_dim] * 4
+        assert model.head.classifier.in_channels == row.fpn_channels
+    else:
+        assert model.head.fuse.out_channels == row.decoder_dim
     with torch.inference_mode():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7, 16, 16)
+        taps = model.features(torch.randn(2, 3, 64, 96))
+    assert taps.sizes == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [e.shape for e in taps.embeddings] == [(2, h * w, c) for (h, w), c in zip(taps.sizes, row.dims)]
+    assert [m.shape for m in taps.maps] == [(2, c, h, w) for (h, w), c in zip(taps.sizes, row.dims)]
 
 
 def test_features_return_the_distillation_taps():
@@ -76,8 +97,27 @@ def test_unknown_variant_names_the_close_matches():
         build_model("mit_b0", num_classes=0)
     with pytest.raises(InputError, match="unknown field.*depth"):
         build_model("mit_b0", depth=(1, 1, 1, 1))
-    with pytest.raises(InputError, match="head_style"):
-        SegFormerConfig.from_variant("mit_b0", head_style="fpn")
+    with pytest.raises(InputError, match="head_style 'unet', expected one of 'mlp', 'mmseg', 'fpn'"):
+        SegFormerConfig.from_variant("mit_b0", head_style="unet")
+    with pytest.raises(InputError, match="backbone 'resnet'"):
+        SegFormerConfig.from_variant("mit_b0", backbone="resnet")
+    with pytest.raises(InputError, match="mlp_ratios has 3 entries, expected 4"):
+        build_model("pvt_v2_b0", mlp_ratios=(8, 8, 4))
+
+
+def test_a_table_architecture_keeps_its_name_and_a_changed_one_is_custom():
+    assert build_model("mit_b0", head_style="mmseg").config.variant == "mit_b0"
+    assert build_model("mit_b0", mlp_ratios=(8, 8, 4, 4)).config.variant == "custom"
+    # PVTv2-B0's encoder is MiT-B0's with MLP ratios 8/8/4/4; with the all-MLP head it is neither table row
+    assert build_model("pvt_v2_b0", head_style="mlp").config.variant == "custom"
+    assert build_model("mit_b5", mlp_ratios=(4, 4, 4, 4), head_style="fpn").config.variant == "custom"
+
+
+def test_a_sidecar_config_from_before_the_registry_reads_its_single_mlp_ratio():
+    old = {"variant": "mit_b0", "dims": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "heads": [1, 2, 5, 8],
+           "decoder_dim": 256, "mlp_ratio": 4}
+    cfg = SegFormerConfig.from_dict(old)
+    assert cfg.mlp_ratios == (4, 4, 4, 4) and cfg.backbone == "mit" and cfg.head_style == "mlp"
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (1, 1, 64, 64), (1, 4, 64, 64), (1, 3, 64, 64, 1)])

@@ -26,6 +26,11 @@ class SelectiveFusion(nn.Module):
             self.squeeze = nn.Sequential(nn.Conv2d(mid, squeeze, 1, bias=False), nn.BatchNorm2d(squeeze), nn.ReLU())
             self.squeeze_single = nn.Sequential(nn.Conv2d(mid, squeeze, 1, bias=False), nn.ReLU())
             self.attend = nn.ModuleList(nn.Conv2d(squeeze, mid, 1) for _ in range(2))
+        # The reference's initialisation of the two convolutions on the data path: kaiming_uniform with a = 1, i.e.
+        # U(-b, b) with b = sqrt(3 / fan_in), std 1 / sqrt(fan_in); PyTorch's default (a = sqrt(5)) has std
+        # 1 / sqrt(3 fan_in), 0.58x that. The larger start speeds these train-only modules up early on.
+        for conv in (self.reduce[0], self.project[0]):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output at the teacher's width, residual for the next shallower unit)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,14 @@ class EmbeddingAssistant(nn.Module):
         self.embed = nn.ModuleList(
             OverlapPatchEmbed(ci, ct, k, s, eps) for ci, ct, k, s in zip(c_in, teacher_dims, patch_sizes, strides)
         )
+        # The reference builds these with its MiT patch-embedding init: conv weights N(0, sqrt(2 / fan_out)) with
+        # fan_out = k * k * C_out, zero bias (LayerNorm 1 / 0 as PyTorch's). PyTorch's conv default differs by a
+        # factor that depends on the stage's kernel and widths (0.73x to 1.90x in std for MiT-B2 -> B0).
+        for embed in self.embed:
+            conv = embed.proj
+            fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(conv.bias)
         n = len(teacher_dims)
         self.w = nn.Parameter(torch.arange(1, n + 1, dtype=torch.float32) / 10)
         self.v = nn.Parameter(torch.arange(n + 1, 2 * n + 1, dtype=torch.float32) / 10)

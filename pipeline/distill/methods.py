@@ -15,7 +15,7 @@ from pipeline.distill.csf import CrossSelectiveFusion, hcl_loss
 from pipeline.distill.embedding import EmbeddingAssistant, GlobalLocalMixer, PatchEmbedAlign, resize_tokens
 from pipeline.distill.losses import CE_RESOLUTIONS, ce_loss, cwd_loss, kd_loss, resize_to
 from pipeline.errors import ConfigError
-from pipeline.models.mit import SegFormerConfig
+from pipeline.models.registry import SegFormerConfig
 from pipeline.models.segformer import SegFormer, Taps
 
 

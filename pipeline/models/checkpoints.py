@@ -1,5 +1,5 @@
-"""Load and save SegFormer weights: our safetensors + JSON sidecar, and Hugging Face, NVlabs, mmseg and TransKD
-reference imports."""
+"""Load and save model weights: our safetensors + JSON sidecar, and imports from Hugging Face (SegFormer, PvtV2),
+NVlabs/whai362, mmseg and the TransKD reference code (SegFormer, PVTv2 + Semantic FPN, LVT)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import artifacts
 from pipeline.errors import CheckpointError, CheckpointWarning, InputError
-from pipeline.models.mit import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
+from pipeline.models.registry import NORM_EPS, VARIANTS, SegFormerConfig, variant_of
 from pipeline.models.segformer import ModelMeta, SegFormer
 
 SAFETENSORS_FORMAT = "transkd-deploy/segformer"  # the safetensors header's own `format` metadata
-FORMATS = ("ours", "nvlabs", "hf", "mmseg", "transkd")
+# Detection order matters on ties (_detect): a format listed earlier wins when two find the same head.
+FORMATS = ("ours", "nvlabs", "hf", "mmseg", "transkd", "transkd_pvt", "hf_pvt", "lvt")
+COLUMNS = ("ours", "nvlabs", "hf", "mmseg", "hf_pvt", "lvt")  # the name columns of MAPPING, in order
 # A format whose tensor names are another's, only under other scope prefixes, reads that format's MAPPING column.
-SAME_NAMES = {"transkd": "nvlabs"}
+SAME_NAMES = {"transkd": "nvlabs", "transkd_pvt": "nvlabs"}
 
 
 class Cat:
@@ -41,57 +43,99 @@ class Rows:
 
 
 class Conv1x1:
-    """The foreign layer is a 1x1 Conv2d where ours is a Linear: weight O x I x 1 x 1 -> O x I."""
+    """The foreign layer is a 1x1 Conv2d where ours is a Linear: weight O x I x 1 x 1 -> O x I (a 2-D foreign
+    weight, LVT's stage-1 Linear MLP under the same name, passes as it is)."""
 
     def __init__(self, name: str) -> None:
         self.names = (name,)
 
 
 # Where each of our tensors lives in the foreign formats. {s}: stage (0-based), {s1}: stage (1-based),
-# {b}: block, {p}: parameter or buffer name, {bb}: the backbone prefix found in the file ("backbone.",
-# "segformer." or "" for encoder-only files). None: the format has no such tensor.
-#   nvlabs:  NVlabs/SegFormer (mmseg 0.x based): MixVisionTransformer under `backbone.`, SegFormerHead under
-#            `decode_head.`
-#   hf:      Hugging Face SegformerForSemanticSegmentation as save_pretrained writes it
-#   mmseg:   mmsegmentation >= 0.20 and 1.x MixVisionTransformer + SegformerHead
-#   transkd: the TransKD reference code (RuipingL/TransKD, train/models/Segformer.py, `mit_b0`..`mit_b5`): one
-#            module holds NVlabs' encoder and head side by side, so the head's `linear_c1..4`, `linear_fuse`
-#            and `linear_pred` sit at the top level next to `patch_embed1`; names as NVlabs' (SAME_NAMES).
-#            Its scripts save model.state_dict() (keys `module.`-prefixed under nn.DataParallel) or a dict
-#            with it under `state_dict`.
-SCOPES = {  # scope: prefix per format (ours, nvlabs, hf, mmseg, transkd)
+# {b}: block (or conv of an FPN scale head), {b2}: 2 * {b}, {p}: parameter or buffer name, {bb}: the backbone
+# prefix found in the file ("backbone.", "segformer.", "pvt_v2." or "" for encoder-only files).
+# None: the format has no such tensor (a None prefix: none of the scope).
+#   nvlabs:      NVlabs/SegFormer (mmseg 0.x based): MixVisionTransformer under `backbone.`, SegFormerHead under
+#                `decode_head.`. Also whai362/PVT's PVTv2 (the same encoder names; its ImageNet files hold the bare
+#                encoder plus a classifier `head.*`) and mmseg 0.x Semantic FPN on it (`neck.`, `decode_head.`).
+#   hf:          Hugging Face SegformerForSemanticSegmentation as save_pretrained writes it
+#   mmseg:       mmsegmentation >= 0.20 and 1.x MixVisionTransformer + SegformerHead
+#   transkd:     the TransKD reference code (RuipingL/TransKD, train/models/Segformer.py, `mit_b0`..`mit_b5`): one
+#                module holds NVlabs' encoder and head side by side, so the head's `linear_c1..4`, `linear_fuse`
+#                and `linear_pred` sit at the top level next to `patch_embed1`; names as NVlabs' (SAME_NAMES).
+#                Its scripts save model.state_dict() (keys `module.`-prefixed under nn.DataParallel) or a dict
+#                with it under `state_dict`.
+#   transkd_pvt: the TransKD reference's PVTv2 (train/models/pvtv2): whai362's encoder under `backbone.`, mmseg's
+#                FPN under `neck.` and its FPNHead under `head.` (not `decode_head.`); names as NVlabs'.
+#   hf_pvt:      Hugging Face PvtV2Model / PvtV2Backbone (`encoder.layers.*`) and PvtV2ForImageClassification
+#                (`pvt_v2.encoder.layers.*` + `classifier.*`): encoder only.
+#   lvt:         the TransKD reference's LVT (train/models/lvt/backbone.py): stage s is `backbone.{s}`, an
+#                nn.Sequential of the patch embedding (`.0`) and the blocks (`.1`); the all-MLP head at the top
+#                level with TransKD SegFormer's names. LVT's ImageNet files: the same `backbone.` plus `norm.*`
+#                and a classifier `head.*`.
+SCOPES = {  # scope: prefix per format, in FORMATS order (ours, nvlabs, hf, mmseg, transkd, transkd_pvt, hf_pvt, lvt)
     "embed": ("encoder.stages.{s}.embed.", "{bb}patch_embed{s1}.", "{bb}encoder.patch_embeddings.{s}.",
-              "{bb}layers.{s}.0.", "{bb}patch_embed{s1}."),
+              "{bb}layers.{s}.0.", "{bb}patch_embed{s1}.", "{bb}patch_embed{s1}.",
+              "{bb}encoder.layers.{s}.patch_embedding.", "{bb}backbone.{s}.0."),
     "block": ("encoder.stages.{s}.blocks.{b}.", "{bb}block{s1}.{b}.", "{bb}encoder.block.{s}.{b}.",
-              "{bb}layers.{s}.1.{b}.", "{bb}block{s1}.{b}."),
-    "stage": ("encoder.stages.{s}.", "{bb}", "{bb}encoder.", "{bb}layers.{s}.", "{bb}"),
-    "stage_head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}"),
-    "head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}"),
+              "{bb}layers.{s}.1.{b}.", "{bb}block{s1}.{b}.", "{bb}block{s1}.{b}.",
+              "{bb}encoder.layers.{s}.blocks.{b}.", "{bb}backbone.{s}.1.{b}."),
+    "stage": ("encoder.stages.{s}.", "{bb}", "{bb}encoder.", "{bb}layers.{s}.", "{bb}", "{bb}",
+              "{bb}encoder.layers.{s}.", None),
+    # the all-MLP (and mmseg) decode head
+    "stage_head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}", None, None, "{bb}"),
+    "head": ("head.", "decode_head.", "decode_head.", "decode_head.", "{bb}", None, None, "{bb}"),
+    # the Semantic FPN: neck, scale heads, classifier
+    "neck": ("head.", "neck.", None, None, None, "neck.", None, None),
+    "scale": ("head.", "decode_head.", None, None, None, "head.", None, None),
+    "fpn_head": ("head.", "decode_head.", None, None, None, "head.", None, None),
 }
-MAPPING = [  # (scope, ours, nvlabs, hf, mmseg); the transkd column is nvlabs' (SAME_NAMES)
-    ("embed", "proj.{p}", "proj.{p}", "proj.{p}", "projection.{p}"),
-    ("embed", "norm.{p}", "norm.{p}", "layer_norm.{p}", "norm.{p}"),
-    ("block", "norm1.{p}", "norm1.{p}", "layer_norm_1.{p}", "norm1.{p}"),
-    ("block", "attn.q.{p}", "attn.q.{p}", "attention.self.query.{p}", Rows("attn.attn.in_proj_{p}", 0, 1, 3)),
+ENCODER_SCOPES = ("embed", "block", "stage")
+HEAD_SCOPES = {"mlp": ("stage_head", "head"), "mmseg": ("stage_head", "head"), "fpn": ("neck", "scale", "fpn_head")}
+MAPPING = [  # (scope, ours, nvlabs, hf, mmseg, hf_pvt, lvt); transkd and transkd_pvt read nvlabs' column
+    ("embed", "proj.{p}", "proj.{p}", "proj.{p}", "projection.{p}", "proj.{p}", "proj.{p}"),
+    ("embed", "norm.{p}", "norm.{p}", "layer_norm.{p}", "norm.{p}", "layer_norm.{p}", "norm.{p}"),
+    ("block", "norm1.{p}", "norm1.{p}", "layer_norm_1.{p}", "norm1.{p}", "layer_norm_1.{p}", "norm1.{p}"),
+    ("block", "attn.q.{p}", "attn.q.{p}", "attention.self.query.{p}", Rows("attn.attn.in_proj_{p}", 0, 1, 3),
+     "attention.query.{p}", "attn.q.{p}"),
     ("block", "attn.kv.{p}", "attn.kv.{p}", Cat("attention.self.key.{p}", "attention.self.value.{p}"),
-     Rows("attn.attn.in_proj_{p}", 1, 3, 3)),
-    ("block", "attn.sr.{p}", "attn.sr.{p}", "attention.self.sr.{p}", "attn.sr.{p}"),
-    ("block", "attn.sr_norm.{p}", "attn.norm.{p}", "attention.self.layer_norm.{p}", "attn.norm.{p}"),
-    ("block", "attn.proj.{p}", "attn.proj.{p}", "attention.output.dense.{p}", "attn.attn.out_proj.{p}"),
-    ("block", "norm2.{p}", "norm2.{p}", "layer_norm_2.{p}", "norm2.{p}"),
-    ("block", "ffn.fc1.{p}", "mlp.fc1.{p}", "mlp.dense1.{p}", Conv1x1("ffn.layers.0.{p}")),
-    ("block", "ffn.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "ffn.layers.1.{p}"),
-    ("block", "ffn.fc2.{p}", "mlp.fc2.{p}", "mlp.dense2.{p}", Conv1x1("ffn.layers.4.{p}")),
-    ("stage", "norm.{p}", "norm{s1}.{p}", "layer_norm.{s}.{p}", "2.{p}"),
-    ("stage_head", "proj.{s}.{p}", "linear_c{s1}.proj.{p}", "linear_c.{s}.proj.{p}", Conv1x1("convs.{s}.conv.{p}")),
-    ("stage_head", "proj_bn.{s}.{p}", None, None, "convs.{s}.bn.{p}"),
-    ("head", "fuse.{p}", "linear_fuse.conv.{p}", "linear_fuse.{p}", "fusion_conv.conv.{p}"),
-    ("head", "bn.{p}", "linear_fuse.bn.{p}", "batch_norm.{p}", "fusion_conv.bn.{p}"),
-    ("head", "classifier.{p}", "linear_pred.{p}", "classifier.{p}", "conv_seg.{p}"),
+     Rows("attn.attn.in_proj_{p}", 1, 3, 3), Cat("attention.key.{p}", "attention.value.{p}"), "attn.kv.{p}"),
+    ("block", "attn.sr.{p}", "attn.sr.{p}", "attention.self.sr.{p}", "attn.sr.{p}",
+     "attention.spatial_reduction.{p}", "attn.sr.{p}"),
+    ("block", "attn.sr_norm.{p}", "attn.norm.{p}", "attention.self.layer_norm.{p}", "attn.norm.{p}",
+     "attention.layer_norm.{p}", "attn.norm.{p}"),
+    ("block", "attn.proj.{p}", "attn.proj.{p}", "attention.output.dense.{p}", "attn.attn.out_proj.{p}",
+     "attention.proj.{p}", "attn.proj.{p}"),
+    # LVT only: stage 1's convolutional self-attention (CSA), stages 2-4's atrous query conv (RASA)
+    ("block", "attn.affinity.{p}", None, None, None, None, "attn.attn.{p}"),
+    ("block", "attn.value.{p}", None, None, None, None, "attn.weight.{p}"),
+    ("block", "attn.atrous.{p}", None, None, None, None, "attn.ds.{p}"),
+    ("block", "norm2.{p}", "norm2.{p}", "layer_norm_2.{p}", "norm2.{p}", "layer_norm_2.{p}", "norm2.{p}"),
+    ("block", "ffn.fc1.{p}", "mlp.fc1.{p}", "mlp.dense1.{p}", Conv1x1("ffn.layers.0.{p}"), "mlp.dense1.{p}",
+     Conv1x1("mlp.fc1.{p}")),
+    ("block", "ffn.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "mlp.dwconv.dwconv.{p}", "ffn.layers.1.{p}",
+     "mlp.dwconv.dwconv.{p}", "mlp.depconv.{p}"),
+    ("block", "ffn.fc2.{p}", "mlp.fc2.{p}", "mlp.dense2.{p}", Conv1x1("ffn.layers.4.{p}"), "mlp.dense2.{p}",
+     Conv1x1("mlp.fc2.{p}")),
+    ("stage", "norm.{p}", "norm{s1}.{p}", "layer_norm.{s}.{p}", "2.{p}", "layer_norm.{p}", None),
+    ("stage_head", "proj.{s}.{p}", "linear_c{s1}.proj.{p}", "linear_c.{s}.proj.{p}", Conv1x1("convs.{s}.conv.{p}"),
+     None, "linear_c{s1}.proj.{p}"),
+    ("stage_head", "proj_bn.{s}.{p}", None, None, "convs.{s}.bn.{p}", None, None),
+    ("head", "fuse.{p}", "linear_fuse.conv.{p}", "linear_fuse.{p}", "fusion_conv.conv.{p}", None,
+     "linear_fuse.conv.{p}"),
+    ("head", "bn.{p}", "linear_fuse.bn.{p}", "batch_norm.{p}", "fusion_conv.bn.{p}", None, "linear_fuse.bn.{p}"),
+    ("head", "classifier.{p}", "linear_pred.{p}", "classifier.{p}", "conv_seg.{p}", None, "linear_pred.{p}"),
+    # Semantic FPN (mmcv ConvModules without norm: `.conv` holds weight and bias); a scale head's nn.Upsample
+    # modules sit between its convs, so conv k is Sequential index 2k
+    ("neck", "lateral.{s}.{p}", "lateral_convs.{s}.conv.{p}", None, None, None, None),
+    ("neck", "smooth.{s}.{p}", "fpn_convs.{s}.conv.{p}", None, None, None, None),
+    ("scale", "scale.{s}.{b}.{p}", "scale_heads.{s}.{b2}.conv.{p}", None, None, None, None),
+    ("fpn_head", "classifier.{p}", "conv_seg.{p}", None, None, None, None),
 ]
 PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-# Tensors a format carries that no SegFormer uses: NVlabs' head inherits mmseg 0.x BaseDecodeHead, which
+# Tensors a format carries that no model here uses: NVlabs' head inherits mmseg 0.x BaseDecodeHead, which
 # always builds a `conv_seg` classifier; SegFormerHead predicts with `linear_pred` and leaves it untrained.
+# (ImageNet classifiers, `head.*`, `classifier.*`, LVT's `norm.*`, are listed as unexpected keys instead: loading
+# such a file needs strict=False anyway, and the warning says what was left out.)
 UNUSED = {"nvlabs": re.compile(r"^decode_head\.conv_seg\.")}
 
 # transformers >= 5 renamed SegFormer's modules in memory (save_pretrained still writes the names above);
@@ -113,37 +157,59 @@ HF5_RENAMES = [
     (r"decode_head\.linear_projections\.", "decode_head.linear_c."),
 ]
 FORMAT_NAMES = {"ours": "transkd-deploy", "nvlabs": "NVlabs/mmseg-0.x SegFormer", "hf": "Hugging Face SegFormer",
-                "mmseg": "mmsegmentation MiT/SegFormer", "transkd": "TransKD reference SegFormer"}
+                "mmseg": "mmsegmentation MiT/SegFormer", "transkd": "TransKD reference SegFormer",
+                "transkd_pvt": "TransKD reference PVTv2 + Semantic FPN", "hf_pvt": "Hugging Face PvtV2",
+                "lvt": "TransKD reference LVT"}
+HF_MODEL_TYPES = {"segformer": "hf", "pvt_v2": "hf_pvt"}  # config.json model_type -> format
+# Stage 1 of LVT attends by CSA, which has no key/value reduction; its sr ratio is the config's default.
+DEFAULT_SR = SegFormerConfig.__dataclass_fields__["sr_ratios"].default
 
 
 def _cell(row: tuple, fmt: str):
     """The foreign-name cell of one MAPPING row for `fmt`."""
-    return row[1 + FORMATS.index(SAME_NAMES.get(fmt, fmt))]
+    return row[1 + COLUMNS.index(SAME_NAMES.get(fmt, fmt))]
 
 
-def _foreign_names(scope: str, template, fmt: str, **idx) -> list[str]:
-    """The foreign tensor names behind one table cell (several for Cat)."""
+def _foreign_names(scope: str, template, fmt: str, **idx) -> list[str] | None:
+    """The foreign tensor names behind one table cell (several for Cat); None where the format has none."""
     prefix = SCOPES[scope][FORMATS.index(fmt)]
+    if template is None or prefix is None:
+        return None
     names = [template] if isinstance(template, str) else list(template.names)
+    idx.setdefault("b2", 2 * idx.get("b", 0))
     return [(prefix + n).format(**idx) for n in names]
 
 
+def _indices(scope: str, cfg: SegFormerConfig):
+    """(stage, block) pairs a scope's rows run over."""
+    if scope in ("head", "fpn_head"):
+        return [(0, 0)]
+    stages = range(len(cfg.dims))
+    if scope == "block":
+        return [(s, b) for s in stages for b in range(cfg.depths[s])]
+    if scope == "scale":  # conv k of the level-s scale head; the ones the model lacks are dropped by name
+        return [(s, k) for s in stages for k in range(len(cfg.dims))]
+    return [(s, 0) for s in stages]
+
+
 def mapping_for(model: SegFormer, fmt: str, bb: str) -> dict[str, tuple[object, list[str]]]:
-    """Our state-dict key -> (transform, foreign names) for every tensor of `model`, read off the table."""
+    """Our state-dict key -> (transform, foreign names) for every tensor of `model` that `fmt` can hold, read off
+    the table (the rows of the model's head style only: "classifier" is a row of each head)."""
     cfg = model.config
     ours = set(model.state_dict())
+    scopes = ENCODER_SCOPES + HEAD_SCOPES[cfg.head_style]
     out: dict[str, tuple[object, list[str]]] = {}
     for row in MAPPING:
         scope, ours_t, foreign_t = row[0], row[1], _cell(row, fmt)
-        if foreign_t is None:
+        if scope not in scopes:
             continue
-        for s in [0] if scope == "head" else range(len(cfg.dims)):
-            for b in range(cfg.depths[s]) if scope == "block" else [0]:
-                for p in PARAMS:
-                    idx = dict(s=s, s1=s + 1, b=b, p=p, bb=bb)
-                    key = (SCOPES[scope][0] + ours_t).format(**idx)
-                    if key in ours:
-                        out[key] = (foreign_t, _foreign_names(scope, foreign_t, fmt, **idx))
+        for s, b in _indices(scope, cfg):
+            for p in PARAMS:
+                idx = dict(s=s, s1=s + 1, b=b, p=p, bb=bb)
+                key = (SCOPES[scope][0] + ours_t).format(**idx)
+                names = _foreign_names(scope, foreign_t, fmt, **idx)
+                if key in ours and names is not None:
+                    out[key] = (foreign_t, names)
     return out
 
 
@@ -190,10 +256,11 @@ def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not config_file.is_file():
         raise CheckpointError(f"{path}: a directory must be a Hugging Face save_pretrained folder with config.json")
     hf_config = _read_json(config_file)
-    if hf_config.get("model_type") != "segformer":
-        raise CheckpointError(
-            f"{config_file}: model_type is {hf_config.get('model_type')!r}, expected 'segformer'"
-        )
+    if hf_config.get("model_type") not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{config_file}: model_type is {hf_config.get('model_type')!r}, expected "
+                              f"{' or '.join(repr(t) for t in HF_MODEL_TYPES)}")
+    if hf_config.get("linear_attention"):  # PVTv2-Li: pooled keys/values and an extra ReLU, not our encoder
+        raise CheckpointError(f"{config_file}: linear_attention is true (PVTv2-Li), which is not supported")
     for index_name, loader in (("model.safetensors.index.json", _safetensors_load),
                                ("pytorch_model.bin.index.json", _torch_load)):
         if (path / index_name).is_file():
@@ -265,13 +332,17 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, str]:
     """Which key scheme the file uses and the backbone prefix in front of its encoder keys: among the formats whose
-    first encoder tensor is in the file, the one that finds the most decode-head weights there, the first on a tie
+    first encoder tensor is in the file, the one that finds the most head weights there, the first on a tie
     (NVlabs and the TransKD reference share encoder names and differ only in where the head sits)."""
 
     def head_weights(fmt: str, bb: str) -> int:
-        names = {n for row in MAPPING if row[0] in ("head", "stage_head") and _cell(row, fmt) is not None
-                 for s in range(4) for n in _foreign_names(row[0], _cell(row, fmt), fmt, s=s, s1=s + 1, p="weight",
-                                                           bb=bb)}
+        names = set()
+        for row in MAPPING:
+            if row[0] not in ENCODER_SCOPES:
+                for s in range(4):
+                    for b in range(4):
+                        names.update(_foreign_names(row[0], _cell(row, fmt), fmt, s=s, s1=s + 1, b=b, p="weight",
+                                                    bb=bb) or ())
         return sum(n in state for n in names)
 
     found = []
@@ -287,8 +358,8 @@ def _detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, str]:
         return max(found, key=lambda f: head_weights(*f))  # max keeps the first of equals
     shown = ", ".join(list(state)[:4])
     raise CheckpointError(
-        f"{path}: not a SegFormer/MiT checkpoint; no key scheme of {', '.join(FORMAT_NAMES.values())} "
-        f"matches (first keys: {shown})"
+        f"{path}: not a SegFormer/MiT checkpoint (nor PVTv2 or LVT); no key scheme of "
+        f"{', '.join(FORMAT_NAMES.values())} matches (first keys: {shown})"
     )
 
 
@@ -305,54 +376,115 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None, path: Path):
-    """Architecture from tensor shapes (widths, depths, reduction ratios, head), heads from config or table."""
+def _tensor_getter(state: dict[str, torch.Tensor], fmt: str, bb: str):
+    """get(scope, ours template, s, b): the file's weight behind one MAPPING cell, or None."""
+    rows = {(r[0], r[1]): r for r in MAPPING}
 
-    def name(scope: str, ours_t: str, **idx) -> str:
-        row = next(r for r in MAPPING if r[0] == scope and r[1] == ours_t)
-        return _foreign_names(scope, _cell(row, fmt), fmt, bb=bb, **idx)[0]
+    def get(scope: str, ours_t: str, s: int = 0, b: int = 0) -> torch.Tensor | None:
+        names = _foreign_names(scope, _cell(rows[scope, ours_t], fmt), fmt, s=s, s1=s + 1, b=b, p="weight", bb=bb)
+        return state.get(names[0]) if names else None
 
-    dims, depths, sr, patch = [], [], [], []
-    while (k := name("embed", "proj.{p}", s=len(dims), s1=len(dims) + 1, p="weight")) in state:
+    return get
+
+
+def _size(t: torch.Tensor | None, dim: int) -> int | None:
+    return None if t is None else t.shape[dim]
+
+
+def _encoder_layout(get, fmt: str, path: Path) -> dict:
+    """The encoder's numbers from tensor shapes: widths, depths, kernel sizes, reduction and MLP ratios (fc1 rows
+    per width, per stage: PVTv2 and LVT differ from MiT there) and the backbone (a CSA attention is LVT's)."""
+    dims: list[int] = []
+    depths, sr, patch, ratios = [], [], [], []
+    while (proj := get("embed", "proj.{p}", len(dims))) is not None:
         s = len(dims)
-        dims.append(state[k].shape[0])
-        patch.append(state[k].shape[-1])
+        dims.append(proj.shape[0])
+        patch.append(proj.shape[-1])
         depth = 0
-        while name("block", "norm1.{p}", s=s, s1=s + 1, b=depth, p="weight") in state:
+        while get("block", "norm1.{p}", s, depth) is not None:
             depth += 1
+        fc1 = get("block", "ffn.fc1.{p}", s)
+        if fc1 is None or depth == 0:
+            raise CheckpointError(f"{path}: {FORMAT_NAMES[fmt]} keys found, but stage blocks are missing")
         depths.append(depth)
-        srk = name("block", "attn.sr.{p}", s=s, s1=s + 1, b=0, p="weight")
-        sr.append(state[srk].shape[-1] if srk in state else 1)
-    fc1 = state.get(name("block", "ffn.fc1.{p}", s=0, s1=1, b=0, p="weight"))
-    if fc1 is None or 0 in depths:
-        raise CheckpointError(f"{path}: {FORMAT_NAMES[fmt]} keys found, but stage blocks are missing")
-    cls_key = name("head", "classifier.{p}", s=0, s1=1, p="weight")
-    fuse_key = name("head", "fuse.{p}", s=0, s1=1, p="weight")
-    has_head = cls_key in state or fuse_key in state  # one of them missing: a damaged head, not encoder-only
+        ratios.append(fc1.shape[0] // dims[s])
+        csa = get("block", "attn.affinity.{p}", s) is not None
+        reduction = _size(get("block", "attn.sr.{p}", s), -1)
+        if reduction == 1:  # PVTv2-Li pools keys/values to 7 x 7, then a 1x1 conv: not the encoder built here
+            raise CheckpointError(f"{path}: stage {s + 1} reduces keys/values with a 1x1 conv (PVTv2-Li linear "
+                                  "attention), which is not supported")
+        sr.append(reduction or (DEFAULT_SR[s] if csa else 1))
+    return dict(dims=tuple(dims), depths=tuple(depths), sr_ratios=tuple(sr), mlp_ratios=tuple(ratios),
+                patch_sizes=tuple(patch), strides=tuple((k + 1) // 2 for k in patch),
+                backbone="lvt" if get("block", "attn.affinity.{p}", 0) is not None else "mit")
+
+
+def _head_layout(get, fmt: str) -> dict | None:
+    """The head the file holds (style, widths and classes where its tensors show them), None for an encoder-only
+    file. One of a head's tensors missing leaves a damaged head, not an encoder-only file. The FPN is told by its
+    neck and scale heads: its classifier's name, `decode_head.conv_seg`, is also in every NVlabs SegFormer file."""
+    lateral, smooth = get("neck", "lateral.{s}.{p}"), get("neck", "smooth.{s}.{p}")
+    scale = get("scale", "scale.{s}.{b}.{p}")
+    if lateral is not None or smooth is not None or scale is not None:
+        fpn_classifier = get("fpn_head", "classifier.{p}")
+        return dict(head_style="fpn", decoder_dim=_size(lateral, 0) or _size(smooth, 0) or _size(scale, 1),
+                    fpn_channels=_size(fpn_classifier, 1) or _size(scale, 0), classes=_size(fpn_classifier, 0))
+    fuse, classifier = get("head", "fuse.{p}"), get("head", "classifier.{p}")
+    if fuse is not None or classifier is not None:
+        mmseg = fmt == "mmseg" or get("stage_head", "proj_bn.{s}.{p}") is not None
+        return dict(head_style="mmseg" if mmseg else "mlp", decoder_dim=_size(fuse, 0), fpn_channels=None,
+                    classes=_size(classifier, 0))
+    return None
+
+
+def _infer_config(state, fmt: str, bb: str, extra: dict, num_classes: int | None, path: Path):
+    """Architecture from tensor shapes (widths, depths, ratios, backbone, head), attention heads from the file's
+    config or the registry; an encoder-only file gets the head of its registry variant (the MiT name where MiT
+    and PVTv2 encoders coincide, B5)."""
+    get = _tensor_getter(state, fmt, bb)
+    enc = _encoder_layout(get, fmt, path)
+    found = _head_layout(get, fmt)
+    dims, depths = list(enc["dims"]), list(enc["depths"])
 
     hf = extra.get("hf_config", {})
     side_config = extra["sidecar"].details["config"] if "sidecar" in extra else None
     if side_config is not None and not isinstance(side_config, dict):
         raise CheckpointError(f"{artifacts.sidecar_path(path)}: field 'details.config': expected an object")
-    table = variant_of(dims, depths)
+    table = variant_of(dims, depths, mlp_ratios=enc["mlp_ratios"], backbone=enc["backbone"],
+                       head_style=found and found["head_style"])
+    row = VARIANTS[table] if table else None
     heads = _heads(side_config or hf, table, dims, depths, path)
-    decoder_dim = (state[fuse_key].shape[0] if fuse_key in state
-                   else hf.get("decoder_hidden_size") or (VARIANTS[table][3] if table else 256))
-    ckpt_classes = state[cls_key].shape[0] if cls_key in state else None
     if side_config:
         cfg = _sidecar_config(side_config, path)
     else:
+        head = found or {"head_style": row.head_style if row else "mlp", "decoder_dim": None, "fpn_channels": None,
+                         "classes": None}
+        decoder_dim = head["decoder_dim"] or hf.get("decoder_hidden_size") or (row.decoder_dim if row else 256)
+        fpn_channels = head["fpn_channels"] or (row.fpn_channels if row else SegFormerConfig.fpn_channels)
+        name = variant_of(dims, depths, heads, decoder_dim, enc["mlp_ratios"], enc["backbone"], head["head_style"],
+                          fpn_channels)
+        base = VARIANTS[name] if name else None  # its training defaults: stochastic depth, dropout
         cfg = SegFormerConfig(
-            variant=variant_of(dims, depths, heads, decoder_dim) or "custom",
-            dims=tuple(dims), depths=tuple(depths), heads=heads, decoder_dim=decoder_dim,
-            num_classes=ckpt_classes or 19, sr_ratios=tuple(sr), mlp_ratio=fc1.shape[0] // dims[0],
-            patch_sizes=tuple(patch), strides=tuple((k + 1) // 2 for k in patch),
-            head_style="mmseg" if fmt == "mmseg" and has_head else "mlp",
-            norm_eps=NORM_EPS.get(SAME_NAMES.get(fmt, fmt), NORM_EPS["nvlabs"]),
+            variant=name or "custom", heads=heads, decoder_dim=decoder_dim, num_classes=head["classes"] or 19,
+            head_style=head["head_style"], fpn_channels=fpn_channels, norm_eps=_norm_eps(fmt, hf, base, path),
+            **({"drop_path": base.drop_path, "dropout": base.dropout} if base else {}), **enc,
         )
     if num_classes is not None and num_classes != cfg.num_classes:
         cfg = SegFormerConfig(**{**asdict(cfg), "num_classes": num_classes})
-    return cfg, has_head
+    return cfg, found is not None
+
+
+def _norm_eps(fmt: str, hf: dict, base, path: Path) -> tuple[float, float, float]:
+    """The LayerNorm epsilons of the implementation that wrote the file (NORM_EPS); Hugging Face PvtV2 uses its
+    config's layer_norm_eps for every LayerNorm."""
+    if fmt == "hf_pvt" and "layer_norm_eps" in hf:
+        eps = hf["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise CheckpointError(f"{path / 'config.json'}: layer_norm_eps {eps!r}: expected a number in (0, 1)")
+        return (float(eps),) * 3
+    if fmt == "ours":  # our file without its sidecar: the registry's value
+        return base.norm_eps if base else NORM_EPS["nvlabs"]
+    return NORM_EPS.get(SAME_NAMES.get(fmt, fmt), NORM_EPS["nvlabs"])
 
 
 def _sidecar_config(config: dict, path: Path) -> SegFormerConfig:
@@ -371,16 +503,16 @@ def _sidecar_config(config: dict, path: Path) -> SegFormerConfig:
 
 def _heads(config: dict, table: str | None, dims: list[int], depths: list[int], path: Path) -> tuple[int, ...]:
     """Attention heads per stage: weights do not show them, so from the file's own config (our sidecar's `heads`,
-    Hugging Face's `num_attention_heads`) or the MiT table of the layout."""
+    Hugging Face's `num_attention_heads`) or the registry row of the layout."""
     heads = config.get("heads") or config.get("num_attention_heads")
     if heads:
         if not (isinstance(heads, list) and all(isinstance(h, int) and not isinstance(h, bool) for h in heads)):
             raise CheckpointError(f"{path}: its config's attention heads {heads!r}: expected a list of integers")
         return tuple(heads)
     if table:
-        return VARIANTS[table][2]
-    raise CheckpointError(f"{path}: widths {dims} / depths {depths} are not a MiT-B0..B5 layout and the file does not "
-                          "say its attention heads; convert it with a config that names them")
+        return VARIANTS[table].heads
+    raise CheckpointError(f"{path}: widths {dims} / depths {depths} are not a layout of the model registry and the "
+                          "file does not say its attention heads; convert it with a config that names them")
 
 
 def _infer_meta(cfg: SegFormerConfig, extra: dict, source: str) -> ModelMeta:
@@ -433,8 +565,8 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
 
     strict=True (default): every tensor of the model must come from the file and every tensor of the file
     must be used, else CheckpointError lists the differences. strict=False loads what fits (an encoder-only
-    ImageNet MiT checkpoint, or a head with another class count given by `num_classes`) and warns with the
-    lists of what was skipped or left at its initial value.
+    ImageNet MiT/PVTv2/LVT checkpoint, whose classifier is listed as unexpected, or a head with another class
+    count given by `num_classes`) and warns with the lists of what was skipped or left at its initial value.
     """
     path = Path(path)
     state, extra = _read(path)
@@ -445,10 +577,15 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
     model.meta = _infer_meta(cfg, extra, f"{FORMAT_NAMES[fmt]}: {path}")
 
     expected = model.state_dict()
+    rows = mapping_for(model, "ours", "")  # the table's rows for this model, in table order
+    unmapped = sorted(set(expected) - set(rows))
+    if unmapped:  # the table lacks a row for one of our own tensors: a bug here, never the file's fault
+        raise RuntimeError(f"checkpoint mapping table has no row for {_listing(unmapped)}")
     mapping = mapping_for(model, fmt, bb)
     loaded, missing, mismatched, used = {}, [], [], set()
-    for key, (template, names) in mapping.items():
-        if not all(n in state for n in names):
+    for key in rows:
+        template, names = mapping.get(key, (None, None))  # None: a tensor the format cannot hold (a head)
+        if names is None or not all(n in state for n in names):
             if not key.endswith("num_batches_tracked"):  # a BN step counter; absent from many exports
                 missing.append(key)
             continue
@@ -460,9 +597,6 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
         loaded[key] = tensor
     unused = UNUSED.get(fmt)
     unexpected = sorted(k for k in set(state) - used if not (unused and unused.match(k)))
-    unmapped = sorted(set(expected) - set(mapping))
-    if unmapped:  # the table lacks a row for one of our own tensors: a bug here, never the file's fault
-        raise RuntimeError(f"checkpoint mapping table has no row for {_listing(unmapped)}")
 
     where = f"{path} ({FORMAT_NAMES[fmt]}, {cfg.variant})"
     problems = []

@@ -1,123 +1,15 @@
-"""Mix Transformer (MiT) encoder of SegFormer, variants B0..B5 declared as one table of numbers."""
+"""Mix Transformer (MiT) encoder of SegFormer, also the encoder of PVTv2 (per-stage MLP ratios); variants in
+registry.py."""
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import InputError
-
-# variant: (stage widths C1..C4, blocks per stage, attention heads, decoder width D)
-# Xie et al., SegFormer (2021), Table 6; docs/method.md section 1.
-VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]] = {
-    "mit_b0": ((32, 64, 160, 256), (2, 2, 2, 2), (1, 2, 5, 8), 256),
-    "mit_b1": ((64, 128, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), 256),
-    "mit_b2": ((64, 128, 320, 512), (3, 4, 6, 3), (1, 2, 5, 8), 768),
-    "mit_b3": ((64, 128, 320, 512), (3, 4, 18, 3), (1, 2, 5, 8), 768),
-    "mit_b4": ((64, 128, 320, 512), (3, 8, 27, 3), (1, 2, 5, 8), 768),
-    "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3), (1, 2, 5, 8), 768),
-}
-
-# LayerNorm epsilons (patch embedding, transformer blocks + stage norm, key/value reduction). The three
-# implementations whose weights we import differ here; matching them makes an import numerically exact.
-NORM_EPS: dict[str, tuple[float, float, float]] = {
-    "nvlabs": (1e-5, 1e-6, 1e-5),  # NVlabs/SegFormer and the TransKD reference code
-    "hf": (1e-5, 1e-5, 1e-5),  # Hugging Face transformers (nn.LayerNorm defaults)
-    "mmseg": (1e-6, 1e-6, 1e-6),  # mmsegmentation: norm_cfg=dict(type="LN", eps=1e-6) everywhere
-}
-
-
-@dataclass(frozen=True)
-class SegFormerConfig:
-    """Everything that fixes the architecture (and so the checkpoint layout) of one SegFormer."""
-
-    variant: str
-    dims: tuple[int, ...]
-    depths: tuple[int, ...]
-    heads: tuple[int, ...]
-    decoder_dim: int
-    num_classes: int = 19
-    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
-    mlp_ratio: int = 4
-    patch_sizes: tuple[int, ...] = (7, 3, 3, 3)
-    strides: tuple[int, ...] = (4, 2, 2, 2)
-    # "mlp": linear per stage, concat deepest first (NVlabs, Hugging Face, TransKD);
-    # "mmseg": 1x1 conv + BN + ReLU per stage, concat shallowest first (mmsegmentation's SegformerHead).
-    head_style: str = "mlp"
-    norm_eps: tuple[float, float, float] = field(default=NORM_EPS["nvlabs"])
-    drop_path: float = 0.1
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        n = len(self.dims)
-        for name in ("depths", "heads", "sr_ratios", "patch_sizes", "strides"):
-            if len(getattr(self, name)) != n:
-                raise InputError(f"model config: {name} has {len(getattr(self, name))} entries, expected {n}")
-        for c, h in zip(self.dims, self.heads):
-            if h < 1 or c % h:
-                raise InputError(f"model config: width {c} is not divisible by {h} heads")
-        if self.head_style not in ("mlp", "mmseg"):
-            raise InputError(f"model config: head_style {self.head_style!r}, expected 'mlp' or 'mmseg'")
-        if len(self.norm_eps) != 3:
-            raise InputError(f"model config: norm_eps has {len(self.norm_eps)} entries, expected 3")
-        if self.num_classes < 1:
-            raise InputError(f"model config: num_classes {self.num_classes}, expected >= 1")
-
-    @classmethod
-    def from_variant(cls, variant: str, num_classes: int = 19, **overrides) -> SegFormerConfig:
-        if variant not in VARIANTS:
-            close = difflib.get_close_matches(variant, VARIANTS, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise InputError(f"unknown model variant {variant!r}{hint}; expected one of {', '.join(VARIANTS)}")
-        dims, depths, heads, decoder_dim = VARIANTS[variant]
-        fields = dict(dims=dims, depths=depths, heads=heads, decoder_dim=decoder_dim, num_classes=num_classes)
-        fields.update(cls._checked_fields(overrides))
-        # a table architecture keeps its name; any change to widths, depths, heads or decoder makes it "custom"
-        name = variant_of(fields["dims"], fields["depths"], fields["heads"], fields["decoder_dim"])
-        fields.setdefault("variant", variant if name == variant else "custom")
-        return cls(**fields)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SegFormerConfig:
-        """The config a sidecar recorded (lists from JSON become tuples)."""
-        return cls(**cls._checked_fields(d))
-
-    @classmethod
-    def _checked_fields(cls, d: dict) -> dict:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return {k: _typed(f"model config: {k}", v, cls.__dataclass_fields__[k].type) for k, v in d.items()}
-
-
-def _typed(name: str, value: object, hint: str):
-    """`value` as the field annotated `hint` takes it (str, int >= 1, finite float, or a tuple of them)."""
-    if hint.startswith("tuple["):
-        item = hint[len("tuple["):].split(",")[0].strip()
-        if not isinstance(value, (list, tuple)) or not value:
-            raise InputError(f"{name} {value!r}: expected a list of {item}s")
-        return tuple(_typed(f"{name}[{i}]", v, item) for i, v in enumerate(value))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint == "int" and not (number and isinstance(value, int) and value >= 1):
-        raise InputError(f"{name} {value!r}: expected an integer >= 1")
-    if hint == "float" and not (number and 0 <= value < 1):
-        raise InputError(f"{name} {value!r}: expected a number within [0, 1)")
-    if hint == "str" and not isinstance(value, str):
-        raise InputError(f"{name} {value!r}: expected a string")
-    return float(value) if hint == "float" else value
-
-
-def variant_of(dims, depths, heads=None, decoder_dim=None) -> str | None:
-    """The table name of an architecture, or None when it is not one of B0..B5."""
-    for name, (v_dims, v_depths, v_heads, v_dec) in VARIANTS.items():
-        if tuple(dims) == v_dims and tuple(depths) == v_depths:
-            if (heads is None or tuple(heads) == v_heads) and (decoder_dim is None or decoder_dim == v_dec):
-                return name
-    return None
+from pipeline.models.registry import SegFormerConfig
 
 
 def grid_of(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -176,6 +68,12 @@ class EfficientSelfAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
             self.sr_norm = nn.LayerNorm(dim, eps=eps)
 
+    def attention_macs(self, x: torch.Tensor, h: int, w: int) -> int:
+        """Q K^T and A V, the matmuls no module does: 2 * N * N' * C for N queries and N' keys."""
+        b, n, c = x.shape
+        r = self.sr_ratio
+        return 2 * b * n * (h // r) * (w // r) * c
+
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, n, c = x.shape
         d = c // self.heads
@@ -225,7 +123,7 @@ class Stage(nn.Module):
         c_in = 3 if i == 0 else cfg.dims[i - 1]
         self.embed = OverlapPatchEmbed(c_in, cfg.dims[i], cfg.patch_sizes[i], cfg.strides[i], cfg.norm_eps[0])
         self.blocks = nn.ModuleList(
-            Block(cfg.dims[i], cfg.heads[i], cfg.sr_ratios[i], cfg.mlp_ratio, p, cfg.norm_eps) for p in drop_paths
+            Block(cfg.dims[i], cfg.heads[i], cfg.sr_ratios[i], cfg.mlp_ratios[i], p, cfg.norm_eps) for p in drop_paths
         )
         self.norm = nn.LayerNorm(cfg.dims[i], eps=cfg.norm_eps[1])
 
@@ -249,6 +147,9 @@ class MixTransformer(nn.Module):
             Stage(cfg, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))
         )
 
+    def reset_parameters(self) -> None:
+        self.apply(_init_weights)
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
         maps, embeddings, sizes = [], [], []
         for stage in self.stages:
@@ -257,3 +158,17 @@ class MixTransformer(nn.Module):
             embeddings.append(emb)
             sizes.append(hw)
         return maps, embeddings, sizes
+
+
+def _init_weights(m: nn.Module) -> None:
+    # The reference encoder initialisation (NVlabs MiT, whai362 PVTv2): it matters when a student trains without
+    # pre-training.
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,9 +1,9 @@
-"""SegFormer: MiT encoder plus the all-MLP decode head; `forward` gives logits, `features` the distillation taps."""
+"""The segmentation model of every family (MiT + all-MLP head, PVTv2 + Semantic FPN, LVT + all-MLP head): `forward`
+gives logits, `features` the distillation taps."""
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,10 @@ from torch import nn
 
 from pipeline.data.classes import IMAGENET_MEAN, IMAGENET_STD, default_classes, default_palette
 from pipeline.errors import InputError
-from pipeline.models.mit import MixFFN, MixTransformer, SegFormerConfig, grid_of, tokens_of
+from pipeline.models.fpn import SemanticFPN
+from pipeline.models.lvt import LiteVisionTransformer
+from pipeline.models.mit import MixFFN, MixTransformer, grid_of, tokens_of
+from pipeline.models.registry import SegFormerConfig
 
 # Below this the deepest key/value reduction (stride 4 * 8) leaves no token.
 MIN_INPUT_SIDE = 32
@@ -38,7 +41,9 @@ class ModelMeta:
 class Taps:
     """What distillation reads from a forward pass, per stage (shallowest first), and the logits."""
 
-    embeddings: list[torch.Tensor]  # B x N_i x C_i: normalised patch tokens as stage i's blocks receive them
+    # B x N_i x C_i: patch tokens, LayerNormed as stage i's blocks receive them (MiT, PVTv2), or before that norm
+    # where the reference distils them so (LVT)
+    embeddings: list[torch.Tensor]
     sizes: list[tuple[int, int]]  # (H_i, W_i) of each token grid, N_i = H_i * W_i
     maps: list[torch.Tensor]  # B x C_i x H_i x W_i: stage outputs
     logits: torch.Tensor  # B x classes x H_1 x W_1 (1/4 of the input)
@@ -163,16 +168,22 @@ def deploy_copy(model: SegFormer) -> SegFormer:
     return out
 
 
+# the encoder of each backbone and the head of each head style (registry.py's BACKBONES and HEAD_STYLES)
+ENCODERS = {"mit": MixTransformer, "lvt": LiteVisionTransformer}
+HEADS = {"mlp": SegFormerHead, "mmseg": SegFormerHead, "fpn": SemanticFPN}
+
+
 class SegFormer(nn.Module):
-    """The segmentation network; its `config` fixes the architecture, its `meta` travels into every sidecar."""
+    """The segmentation network of every family: a four-stage encoder and a head on its stage maps. Its `config`
+    fixes the architecture, its `meta` travels into every sidecar."""
 
     def __init__(self, config: SegFormerConfig, meta: ModelMeta | None = None) -> None:
         super().__init__()
         self.config = config
         self.meta = meta or ModelMeta.default(config.num_classes)
-        self.encoder = MixTransformer(config)
-        self.head = SegFormerHead(config)
-        self.encoder.apply(_init_weights)
+        self.encoder = ENCODERS[config.backbone](config)
+        self.head = HEADS[config.head_style](config)
+        self.encoder.reset_parameters()
         self.head.reset_parameters()
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -199,21 +210,9 @@ class SegFormer(nn.Module):
         return Taps(embeddings, sizes, maps, self.head(maps), x)
 
 
-def _init_weights(m: nn.Module) -> None:
-    # The reference encoder initialisation (NVlabs MiT): it matters when a student trains without pre-training.
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def build_model(variant: str = "mit_b0", num_classes: int = 19, **overrides) -> SegFormer:
-    """A randomly initialised SegFormer of a table variant (`mit_b0`..`mit_b5`); overrides set config fields."""
+    """A randomly initialised model of a registry variant (`mit_b0`..`mit_b5`, `pvt_v2_b0`..`pvt_v2_b5`, `lvt`);
+    overrides set config fields."""
     return SegFormer(SegFormerConfig.from_variant(variant, num_classes, **overrides))
 
 
