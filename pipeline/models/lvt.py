@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.models.mit import DropPath, MixFFN, grid_of, tokens_of
+from pipeline.models.mit import DropPath, MixFFN, StagedEncoder, grid_of, tokens_of
 from pipeline.models.registry import SegFormerConfig
 
 # Convolutional self-attention (stage 1): 3 x 3 windows on a stride-2 grid, as in the reference.
@@ -218,7 +218,7 @@ class LvtStage(nn.Module):
         return grid_of(tokens, h, w), tap, (h, w)
 
 
-class LiteVisionTransformer(nn.Module):
+class LiteVisionTransformer(StagedEncoder):
     """The four-stage LVT encoder; returns per stage the map, the patch-embedding tap and its grid size.
 
     The tap is the patch-embedding conv output BEFORE its LayerNorm: the TransKD reference returns that for LVT
@@ -227,25 +227,10 @@ class LiteVisionTransformer(nn.Module):
     """
 
     def __init__(self, cfg: SegFormerConfig) -> None:
-        super().__init__()
         if cfg.backbone != "lvt":
             raise InputError(f"model config: LiteVisionTransformer needs backbone 'lvt', got {cfg.backbone!r}")
-        total = sum(cfg.depths)
-        rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
-        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
-        self.stages = nn.ModuleList(
-            LvtStage(cfg, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))
-        )
+        super().__init__(cfg, LvtStage)
         self.reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
-        maps, embeddings, sizes = [], [], []
-        for stage in self.stages:
-            x, emb, hw = stage(x)
-            maps.append(x)
-            embeddings.append(emb)
-            sizes.append(hw)
-        return maps, embeddings, sizes
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

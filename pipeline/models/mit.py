@@ -135,20 +135,18 @@ class Stage(nn.Module):
         return grid_of(self.norm(tokens), h, w), embedding, (h, w)
 
 
-class MixTransformer(nn.Module):
-    """The four-stage hierarchical encoder; returns per stage the map, the patch embedding and its grid size."""
+class StagedEncoder(nn.Module):
+    """The encoder contract of every family: stages run in turn, and per stage (shallowest first) the map, the
+    patch-embedding tap and its grid size come out. Stochastic depth rises linearly over all blocks."""
 
-    def __init__(self, cfg: SegFormerConfig) -> None:
+    def __init__(self, cfg: SegFormerConfig, stage: type[nn.Module]) -> None:
         super().__init__()
         total = sum(cfg.depths)
         rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
         starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
         self.stages = nn.ModuleList(
-            Stage(cfg, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))
+            stage(cfg, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))
         )
-
-    def reset_parameters(self) -> None:
-        self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
         maps, embeddings, sizes = [], [], []
@@ -158,6 +156,16 @@ class MixTransformer(nn.Module):
             embeddings.append(emb)
             sizes.append(hw)
         return maps, embeddings, sizes
+
+
+class MixTransformer(StagedEncoder):
+    """The four-stage hierarchical encoder of SegFormer and PVTv2."""
+
+    def __init__(self, cfg: SegFormerConfig) -> None:
+        super().__init__(cfg, Stage)
+
+    def reset_parameters(self) -> None:
+        self.apply(_init_weights)
 
 
 def _init_weights(m: nn.Module) -> None:
