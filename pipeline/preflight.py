@@ -139,6 +139,24 @@ def check_variant(key: str, path: str | Path, found: str, wanted: str) -> None:
                       f"{role}.variant={found} to use it, or drop {key} to train a {wanted} instead")
 
 
+ENCODER_FIELDS = ("backbone", "dims", "depths", "mlp_ratios", "sr_ratios", "patch_sizes", "strides")
+
+
+def backbone_config(key: str, path: str | Path, found: SegFormerConfig, wanted: str) -> SegFormerConfig:
+    """The model a `<role>.pretrained` backbone starts: the file's own when it is of the variant, else the variant
+    built around the file's encoder where the two encoders are one architecture (an encoder-only B5 file is named
+    mit_b5, and PVTv2-B5's encoder is MiT-B5's); any other encoder is refused as check_variant refuses it."""
+    from pipeline.models.registry import SegFormerConfig
+
+    if found.variant in (wanted, "custom"):
+        return found
+    target = SegFormerConfig.from_variant(wanted, num_classes=found.num_classes, norm_eps=found.norm_eps)
+    if all(getattr(found, f) == getattr(target, f) for f in ENCODER_FIELDS):
+        return target
+    check_variant(key, path, found.variant, wanted)
+    return found
+
+
 def check_classes(key: str, path: str | Path, found: int, cfg: Config) -> None:
     wanted = dataset_classes(cfg)
     if found != wanted:
@@ -162,8 +180,7 @@ def model_config(role: str, spec: ModelConfig, cfg: Config) -> SegFormerConfig:
         return found
     if spec.pretrained:
         found = checkpoint_config(Path(spec.pretrained), f"{role}.pretrained", num_classes=n)
-        check_variant(f"{role}.pretrained", spec.pretrained, found.variant, spec.variant)
-        return found
+        return backbone_config(f"{role}.pretrained", spec.pretrained, found, spec.variant)
     return SegFormerConfig.from_variant(spec.variant, num_classes=n)
 
 
@@ -214,4 +231,4 @@ def check_segment_bag(run_dir: Path, args: argparse.Namespace, exported_here: bo
     check_outputs(Path(args.out) if args.out else default_out(bag, run_dir), Path(args.video) if args.video else None)
 
 
-__all__ = ["check", "check_classes", "check_variant", "checkpoint_config", "model_config", "writable_folder"]
+__all__ = ["backbone_config", "check", "check_classes", "check_variant", "checkpoint_config", "model_config", "writable_folder"]

@@ -16,7 +16,7 @@ from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC, default_out
 from pipeline.config import Config, ModelConfig, export_size, method_options
 from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.io import atomic_path, write_json
-from pipeline.preflight import check_variant
+from pipeline.preflight import backbone_config, check_variant
 
 if TYPE_CHECKING:
     from pipeline.models.segformer import SegFormer
@@ -63,7 +63,7 @@ def new_model(role: str, spec: ModelConfig, train_set, size, seed: int) -> SegFo
     spec.pretrained (backbone) or scratch (initialised from `seed`, so every process and every rerun starts from the
     same weights), always of spec.variant; its meta (classes, palette, input size) comes from the dataset."""
     from pipeline.models import build_model, load_model
-    from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+    from pipeline.models.segformer import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegFormer
     from pipeline.train import seed_everything
 
     seed_everything(seed)
@@ -74,10 +74,15 @@ def new_model(role: str, spec: ModelConfig, train_set, size, seed: int) -> SegFo
                               f"{train_set.name} has {train_set.num_classes}")
     elif spec.pretrained:
         model = load_model(spec.pretrained, strict=False, num_classes=train_set.num_classes)
+        wanted = backbone_config(f"{role}.pretrained", spec.pretrained, model.config, spec.variant)
+        if wanted != model.config:  # the variant around the file's encoder (the same architecture, another head)
+            encoder = model.encoder.state_dict()
+            model = SegFormer(wanted, model.meta)
+            model.encoder.load_state_dict(encoder)
     else:
         model = build_model(spec.variant, num_classes=train_set.num_classes)
-    key = f"{role}.checkpoint" if spec.checkpoint else f"{role}.pretrained"
-    check_variant(key, spec.checkpoint or spec.pretrained, model.config.variant, spec.variant)
+    if spec.checkpoint:
+        check_variant(f"{role}.checkpoint", spec.checkpoint, model.config.variant, spec.variant)
     model.meta = ModelMeta(list(train_set.classes), [list(c) for c in train_set.palette], IMAGENET_MEAN,
                            IMAGENET_STD, tuple(size), model.meta.source)
     return model

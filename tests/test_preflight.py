@@ -87,6 +87,31 @@ def test_the_stage_refuses_a_checkpoint_of_another_variant_too(b1_checkpoint, sy
                      0).config.variant == "mit_b1"
 
 
+def test_a_pretrained_encoder_starts_the_variant_whose_encoder_it_is(tmp_path, synthetic):
+    """An encoder-only B5 file is named mit_b5 (its encoder is also PVTv2-B5's): it starts a pvt_v2_b5 with its
+    encoder weights and the variant's FPN head; an encoder of another architecture is refused naming both."""
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.models.checkpoints import mapping_for
+    from pipeline.stages import new_model
+
+    train, _ = splits(synthetic())
+    torch.manual_seed(3)
+    b5 = build_model("mit_b5")
+    encoder = {k: v for k, v in b5.state_dict().items() if k.startswith("encoder.")}
+    path = tmp_path / "b5_imagenet.pth"  # NVlabs' names, the encoder alone (the table's nvlabs column)
+    torch.save({names[0]: encoder[key] for key, (_, names) in mapping_for(b5, "nvlabs", "").items()
+                if key in encoder}, path)
+    with pytest.warns(Warning):
+        model = new_model("student", ModelConfig(variant="pvt_v2_b5", pretrained=str(path)), train, (64, 64), 0)
+    assert model.config.variant == "pvt_v2_b5" and model.config.head_style == "fpn"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder.items())
+    with pytest.warns(Warning), pytest.raises(ConfigError, match=r"student.pretrained: .*holds a mit_b5 model, but "
+                                                                  r"student.variant is pvt_v2_b4"):
+        new_model("student", ModelConfig(variant="pvt_v2_b4", pretrained=str(path)), train, (64, 64), 0)
+
+
 def test_a_checkpoint_of_other_classes_is_refused_before_the_data_is_made(tmp_path):
     from pipeline.models import save_model
 
