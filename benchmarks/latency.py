@@ -66,17 +66,29 @@ def build_parser() -> Parser:
     return ap
 
 
+def short_names(paths: Sequence[str | Path]) -> dict[Path, str]:
+    """Each path by its last components, as few as keep the names apart: `student.onnx` alone, but
+    `ev_mit/student.onnx` and `ev_lvt/student.onnx` when two runs' students are timed side by side."""
+    unique = list(dict.fromkeys(Path(p) for p in paths))
+    for k in range(1, max((len(p.parts) for p in unique), default=1) + 1):
+        names = {p: "/".join(p.parts[-k:]) for p in unique}
+        if len(set(names.values())) == len(unique):
+            return names
+    return {p: str(p) for p in unique}
+
+
 def build_targets(args: argparse.Namespace) -> list[Target]:
     targets: list[Target] = []
+    name = short_names([*(args.engine or []), *(args.onnx or []), *(args.checkpoint or [])])
     for p in args.engine or []:
-        targets.append(Target(Path(p).name, "engine", Path(p), {}))
+        targets.append(Target(name[Path(p)], "engine", Path(p), {}))
     for p, prov in itertools.product(args.onnx or [], args.provider):
-        label = Path(p).name + (f" [{prov}]" if len(args.provider) > 1 else "")
+        label = name[Path(p)] + (f" [{prov}]" if len(args.provider) > 1 else "")
         targets.append(Target(label, "onnx", Path(p), {"provider": prov, "allow_fallback": args.allow_fallback,
                                                         "device": args.device}))
     for p, dt, mode in itertools.product(args.checkpoint or [], args.dtype, args.mode):
         tags = [x for x, many in ((dt, len(args.dtype) > 1), (mode, len(args.mode) > 1)) if many]
-        label = Path(p).name + (f" [{', '.join(tags)}]" if tags else "")
+        label = name[Path(p)] + (f" [{', '.join(tags)}]" if tags else "")
         targets.append(Target(label, "checkpoint", Path(p), {"device": args.device, "dtype": dt, "mode": mode,
                                                                 "deploy": args.deploy_copy}))
     if not targets:
@@ -99,7 +111,9 @@ def measure(args: argparse.Namespace) -> dict:
     targets = build_targets(args)
     baseline = None
     if args.baseline:
-        matches = [t.label for t in targets if t.path.name == Path(args.baseline).name or t.label == args.baseline]
+        wanted = Path(args.baseline)
+        matches = ([t.label for t in targets if t.path == wanted or t.label == args.baseline]
+                   or [t.label for t in targets if t.path.name == wanted.name])
         if not matches:
             raise InputError(f"--baseline {args.baseline}: not one of the timed artifacts "
                              f"({', '.join(t.label for t in targets)})")

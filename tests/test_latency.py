@@ -301,3 +301,15 @@ def test_two_onnx_runtimes_in_one_environment_are_refused_before_a_session(forei
     code, _, err = run_cli("benchmarks/latency.py", "--onnx", str(foreign_onnx), "--size", "32x32", module=None,
                            env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path / 'site'}"})
     assert code == 2 and err.count("\n") == 1 and "onnxruntime-gpu 1.20.1" in err, err
+
+
+def test_artifacts_of_several_runs_are_named_apart():
+    from benchmarks.latency import short_names
+
+    names = short_names(["runs/ev_mit/student.onnx", "runs/ev_lvt/student.onnx", "runs/ev_lvt/student.int8.onnx",
+                         "/abs/x/student.onnx"])
+    assert list(names.values()) == ["ev_mit/student.onnx", "ev_lvt/student.onnx", "ev_lvt/student.int8.onnx",
+                                     "x/student.onnx"]
+    assert list(short_names(["a/student.onnx", "a/student.int8.onnx"]).values()) == ["student.onnx",
+                                                                                       "student.int8.onnx"]
+    assert list(short_names(["a/b/s.onnx", "c/b/s.onnx"]).values()) == ["a/b/s.onnx", "c/b/s.onnx"]
