@@ -10,6 +10,7 @@ Two counts per model:
 An ONNX file is counted from its graph instead: every Conv, ConvTranspose, MatMul and Gemm after shape inference,
 without biases or norms (no paper count exists for a graph).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class MacCount:
     norm: int = 0  # LayerNorm / BatchNorm: elements, x2 when affine
     activation: int = 0  # ReLU (mmcv counts no GELU)
     upsample: int = 0  # nn.Upsample modules: one per output element (mmcv); functional interpolation is not counted
-    attention: int = 0  # Q K^T and A V: 2 * N * N' * C per attention layer
+    attention: int = 0  # functional matmuls each attention layer declares (attention_macs): Q K^T, A V, ...
 
     @property
     def paper(self) -> int:

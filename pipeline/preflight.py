@@ -231,4 +231,5 @@ def check_segment_bag(run_dir: Path, args: argparse.Namespace, exported_here: bo
     check_outputs(Path(args.out) if args.out else default_out(bag, run_dir), Path(args.video) if args.video else None)
 
 
-__all__ = ["backbone_config", "check", "check_classes", "check_variant", "checkpoint_config", "model_config", "writable_folder"]
+__all__ = ["backbone_config", "check", "check_classes", "check_variant", "checkpoint_config", "model_config",
+           "writable_folder"]

@@ -1,4 +1,5 @@
-"""SegFormer / Mix Transformer models: `build_model(variant)` and `load_model(path)` are the two doors in."""
+"""The segmentation models (SegFormer, PVTv2 + Semantic FPN, LVT): `build_model(variant)` and `load_model(path)` are
+the two doors in."""
 
 from pipeline.models.checkpoints import load_model, save_model
 from pipeline.models.registry import VARIANTS, SegFormerConfig
