@@ -102,9 +102,9 @@ class AtrousDepthwise(nn.Module):
             out = out + F.silu(F.conv2d(x, self.weight, None, 1, r, r, self.weight.shape[0]))
         return out
 
-    def macs(self, x: torch.Tensor) -> int:
-        """9 MACs per output element per dilation (x: the B x C x H x W input)."""
-        return 9 * len(self.rates) * x.numel()
+    def macs(self, elements: int) -> int:
+        """9 MACs per output element per dilation, for an input of `elements` values (depth-wise: as many out)."""
+        return 9 * len(self.rates) * elements
 
 
 class RecursiveAtrousSelfAttention(nn.Module):
@@ -151,7 +151,7 @@ class RecursiveAtrousSelfAttention(nn.Module):
         b, n, c = x.shape
         r = self.sr_ratio
         n_kv = (h // r) * (w // r) if r > 1 else n
-        return self.recursions * (2 * b * n * n_kv * c + 9 * len(self.atrous.rates) * b * n * c)
+        return self.recursions * (2 * b * n * n_kv * c + self.atrous.macs(x.numel()))
 
 
 class TokenMLP(nn.Module):

@@ -165,16 +165,14 @@ def variant_of(dims, depths, heads=None, decoder_dim=None, mlp_ratios=None, back
     given = dict(dims=dims, depths=depths, heads=heads, decoder_dim=decoder_dim, mlp_ratios=mlp_ratios,
                  backbone=backbone, head_style=head_style, fpn_channels=fpn_channels)
     for name, row in VARIANTS.items():
-        if row.head_style != "fpn" and given["fpn_channels"] is not None:
-            given_row = {**given, "fpn_channels": row.fpn_channels}  # the field means nothing without an FPN
-        else:
-            given_row = given
-        if all(v is None or _same(k, v, getattr(row, k)) for k, v in given_row.items()):
+        if all(v is None or _same(k, v, row) for k, v in given.items()):
             return name
     return None
 
 
-def _same(key: str, value, row_value) -> bool:
+def _same(key: str, value, row: Variant) -> bool:
+    if key == "fpn_channels" and row.head_style != "fpn":  # the field means nothing without an FPN
+        return True
     if key == "head_style":  # mmsegmentation's SegFormer head is the same model as the all-MLP one
-        return {"mmseg": "mlp"}.get(value, value) == row_value
-    return (tuple(value) if isinstance(value, (list, tuple)) else value) == row_value
+        return {"mmseg": "mlp"}.get(value, value) == row.head_style
+    return (tuple(value) if isinstance(value, (list, tuple)) else value) == getattr(row, key)
