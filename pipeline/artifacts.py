@@ -57,12 +57,22 @@ ARTIFACTS: dict[str, ArtifactKind] = {k.name: k for k in (
     ArtifactKind("onnx-int8", "student.int8.onnx", "onnx", "int8", "precision.to_int8 (Q/DQ, calibrated)",
                  "nvidia-modelopt, or onnxruntime (export.int8_backend=ort)",
                  "ONNX Runtime: CPU, CUDA, TensorRT provider", "onnx"),
+    ArtifactKind("checkpoint-qad", "{role}.qad.safetensors", "safetensors", "int8",
+                 "quant.save_qad (the qad stage: the fake-quantized deploy student, fine-tuned against the teacher)",
+                 "torch, safetensors", "PyTorch (fake quantization): CPU, CUDA", "checkpoint",
+                 ("config", "quantization")),
+    ArtifactKind("onnx-int8-qad", "student.int8-qad.onnx", "onnx", "int8",
+                 "export.export_student from the QAD state (Q/DQ with its learned ranges)", "onnx, nvidia-modelopt",
+                 "ONNX Runtime: CPU, CUDA, TensorRT provider", "checkpoint-qad"),
     ArtifactKind("plan-fp16", "student.fp16.plan", "tensorrt", "fp16", "trt.build.build_engine",
                  "tensorrt, cuda-bindings, a CUDA GPU", "TensorRT: the GPU model and version it was built with",
                  "onnx-fp16", ("tensorrt", "gpu", "build", "inputs", "outputs")),
     ArtifactKind("plan-int8", "student.int8.plan", "tensorrt", "int8", "trt.build.build_engine",
                  "tensorrt, cuda-bindings, a CUDA GPU", "TensorRT: the GPU model and version it was built with",
                  "onnx-int8", ("tensorrt", "gpu", "build", "inputs", "outputs")),
+    ArtifactKind("plan-int8-qad", "student.int8-qad.plan", "tensorrt", "int8", "trt.build.build_engine",
+                 "tensorrt, cuda-bindings, a CUDA GPU", "TensorRT: the GPU model and version it was built with",
+                 "onnx-int8-qad", ("tensorrt", "gpu", "build", "inputs", "outputs")),
 )}
 ENGINE_SUFFIXES = (".plan", ".engine")
 
@@ -77,10 +87,10 @@ def kinds(format: str | None = None) -> list[str]:
     return [k for k, a in ARTIFACTS.items() if format is None or a.format == format]
 
 
-def plan_kind(precision: str) -> str:
-    """The engine kind an ONNX of `precision` builds; there is none for fp32 (not in ARTIFACTS): the run directory's
-    engines are built from its FP16 and INT8 graphs."""
-    return f"plan-{precision}"
+def plan_kind(onnx_kind: str) -> str | None:
+    """The engine kind an ONNX of kind `onnx_kind` builds; None for the FP32 graph: the run directory's engines are
+    built from its FP16 and INT8 graphs."""
+    return next((k for k in kinds("tensorrt") if ARTIFACTS[k].source == onnx_kind), None)
 
 
 def sidecar_path(artifact: str | os.PathLike) -> Path:

@@ -79,6 +79,32 @@ class DistillConfig:
 
 
 @dataclass
+class QadConfig:
+    """Quantization-aware distillation (the qad stage): the distilled student fake-quantized as the INT8 export
+    quantizes it (pipeline/quant.py), calibrated like the PTQ export, then fine-tuned against the frozen teacher with
+    the run's distill.method; the other train.* keys (batch, optimizer, logging, checkpoints) are the run's."""
+
+    steps: int = 100  # fine-tuning steps: 100 add under 3 minutes to the synthetic default on a 2-core CPU
+    # about 2 % of train.lr, near the 1 % QAT starts from (Wu et al. 2020): the distilled weights only have to adapt
+    # to the INT8 grid, not move on. A converged student (1500 steps, 37.18 %, 5-bit stress, PTQ 35.87 %): lr 6e-5
+    # 35.26 % after 100 steps, 1e-5 back to 37.18 % after 60. The 300-step default student is not converged, and a
+    # larger lr mostly goes on training it (6e-5: 23.99 -> 24.45 %).
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    eval_every: int = 20  # validation every this many QAD steps (train.eval_every is the distill stage's)
+    # loss weights and method options over distill.weights (key by key): the run's terms plus logit KD (`kd`, at
+    # `temperature`, default 4) against the teacher's logits; `qad.weights.X=v` sets one, a mapping replaces these
+    weights: dict = field(default_factory=lambda: {"kd": 1.0})
+    calibration_frames: int = 32  # training frames the activation ranges are calibrated on (as export's PTQ)
+    calibration_method: str = "entropy"  # entropy | max
+    learn_ranges: bool = True  # activation ranges trained too (LSQ gradient), else kept as calibrated
+    # stress settings, not deployment ones: quantize the stem and classifier too (float_ends=false), or use fewer
+    # bits than 8 (a PyTorch-only state: the export leaves it out)
+    float_ends: bool = True
+    bits: int = 8
+
+
+@dataclass
 class ExportConfig:
     input: str = "float"  # float: NCHW RGB float32, normalised outside | uint8: NHWC BGR uint8, normalised inside
     output: str = "logits"  # logits (1/4 resolution) | labels (upsample + argmax inside, int32)
@@ -91,7 +117,15 @@ class ExportConfig:
     int8: bool = True  # student.int8.onnx (Q/DQ, calibrated on training frames)
     calibration_frames: int = 32
     calibration_method: str = "entropy"  # entropy | max
-    int8_backend: str = "modelopt"  # modelopt (Model Optimizer PTQ, FP16 elsewhere) | ort (ONNX Runtime QDQ, FP32)
+    # torch: the pipeline's placement (pipeline/quant.py: fake quantization in PyTorch, traced to Q/DQ; FP16 elsewhere)
+    # | modelopt: Model Optimizer's ONNX PTQ (FP16 elsewhere) | ort: ONNX Runtime's QDQ quantizer (FP32 elsewhere)
+    int8_backend: str = "torch"
+    # mixed precision (torch backend): keep the most sensitive groups in FP16 until the INT8 graph's mIoU is within
+    # this many points of the FP32 graph's on the validation frames; negative: every group INT8
+    int8_max_drop: float = -1.0
+    # argmax agreement the torch backend's Q/DQ graph must reach with the fake-quantized PyTorch model it was traced
+    # from, on the parity frames (trained students: 99.8-99.9 %; an untrained network's near-ties flip far more often)
+    int8_min_agreement: float = 0.99
     parity_frames: int = 8  # validation frames the ONNX must match PyTorch on
     parity_max_diff: float = 1e-3  # max |logit difference| of the FP32 ONNX against PyTorch
     parity_min_agreement: float = 0.999  # argmax agreement of the FP32 ONNX with PyTorch
@@ -121,6 +155,7 @@ class Config:
     student: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qad: QadConfig = field(default_factory=QadConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
@@ -148,8 +183,9 @@ CHOICES = {
     "distill.ce_resolution": ("label", "quarter"),  # losses.CE_RESOLUTIONS (not imported: it imports torch)
     "export.input": tuple(INPUTS),
     "export.output": tuple(OUTPUTS),
+    "qad.calibration_method": ("entropy", "max"),  # quant.calibrate, as export.calibration_method
     "export.calibration_method": ("entropy", "max"),  # precision.to_int8: KL-optimal or max-abs thresholds
-    "export.int8_backend": ("modelopt", "ort"),  # precision.to_int8: Model Optimizer PTQ or ONNX Runtime's quantizer
+    "export.int8_backend": ("torch", "modelopt", "ort"),  # quant.py's placement, or precision.to_int8's backends
     "export.engines": ("auto", "off"),
     "bench.cuda": ("auto", "off"),
 }
@@ -254,11 +290,12 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
     """Set dotted keys on `cfg` (values already parsed from YAML or the command line)."""
     known = keys(cfg)
     hints = {t.__name__: typing.get_type_hints(t) for t in (DataConfig, ModelConfig, TrainConfig, DistillConfig,
-                                                              ExportConfig, BenchConfig, Config)}
+                                                              QadConfig, ExportConfig, BenchConfig, Config)}
     where = f" (in {source})" if source else ""
     for key, value in overrides.items():
-        if key.startswith("distill.weights.") and key.count(".") == 2:
-            cfg.distill.weights[key.split(".")[2]] = value
+        section, _, term = key.partition(".weights.")
+        if section in ("distill", "qad") and term and "." not in term:
+            getattr(cfg, section).weights[term] = value
             continue
         if key not in known and key in _sections():
             raise ConfigError(f"{key}={value!r}{where}: expected a mapping of the {key}.* keys")
@@ -282,6 +319,7 @@ def validate(cfg: Config) -> None:
         check_choice(key, value)
     _check_train(cfg)
     _check_data(cfg.data)
+    _check_qad(cfg.qad)
     _check_export(cfg.export)
     _check_bench(cfg.bench)
 
@@ -324,6 +362,16 @@ def _check_data(d: DataConfig) -> None:
     _at_least(1, {"data.synthetic_train": d.synthetic_train, "data.synthetic_val": d.synthetic_val})
 
 
+def _check_qad(q: QadConfig) -> None:
+    _at_least(1, {"qad.steps": q.steps, "qad.calibration_frames": q.calibration_frames})
+    _at_least(0, {"qad.warmup_steps": q.warmup_steps})
+    _at_least(1, {"qad.eval_every": q.eval_every})
+    if not q.lr > 0:
+        raise ConfigError(f"qad.lr={q.lr}: expected a number > 0")
+    if not 2 <= q.bits <= 8:
+        raise ConfigError(f"qad.bits={q.bits}: expected an integer within 2..8")
+
+
 def _check_export(e: ExportConfig) -> None:
     if e.size != (0, 0) and min(e.size) < 32:
         raise ConfigError(f"export.size={e.size}: height and width must be >= 32 (or 0x0 for data.size)")
@@ -333,8 +381,10 @@ def _check_export(e: ExportConfig) -> None:
         raise ConfigError("export.batch and export.calibration_frames must be >= 1, export.opt_level within 0..5")
     if not e.parity_max_diff > 0:
         raise ConfigError(f"export.parity_max_diff={e.parity_max_diff}: expected a number > 0")
-    if not 0 <= e.parity_min_agreement <= 1:
-        raise ConfigError(f"export.parity_min_agreement={e.parity_min_agreement}: expected a number within [0, 1]")
+    for key, value in (("export.parity_min_agreement", e.parity_min_agreement),
+                       ("export.int8_min_agreement", e.int8_min_agreement)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value}: expected a number within [0, 1]")
     if not e.workspace_gib > 0:
         raise ConfigError(f"export.workspace_gib={e.workspace_gib}: expected a number > 0")
     _at_least(0, {"export.parity_frames": e.parity_frames, "export.eval_frames": e.eval_frames})
@@ -354,6 +404,13 @@ def method_options(cfg: Config) -> dict[str, object]:
     if "ce_resolution" in cfg.distill.weights:
         raise ConfigError("distill.weights.ce_resolution: set it as distill.ce_resolution (label or quarter)")
     return {**cfg.distill.weights, "ce_resolution": cfg.distill.ce_resolution}
+
+
+def qad_options(cfg: Config) -> dict[str, object]:
+    """The keyword options of the qad stage's method: method_options with `qad.weights` over them, key by key."""
+    if "ce_resolution" in cfg.qad.weights:
+        raise ConfigError("qad.weights.ce_resolution: set it as distill.ce_resolution (label or quarter)")
+    return {**method_options(cfg), **cfg.qad.weights}
 
 
 def export_size(cfg: Config) -> tuple[int, int]:
@@ -438,5 +495,5 @@ def dump(cfg: Config) -> str:
 
 
 __all__ = ["CHOICES", "REGISTRIES", "BenchConfig", "Config", "DataConfig", "DistillConfig", "ExportConfig",
-           "ModelConfig", "TrainConfig", "apply", "bench_size", "check_choice", "choices", "dump", "export_size",
-           "keys", "load", "method_options", "parse_overrides", "parse_size", "validate"]
+           "ModelConfig", "QadConfig", "TrainConfig", "apply", "bench_size", "check_choice", "choices", "dump",
+           "export_size", "keys", "load", "method_options", "parse_overrides", "parse_size", "qad_options", "validate"]

@@ -33,7 +33,7 @@ log = logging.getLogger("pipeline")
 
 GRAPH_FIELDS = ("input", "output", "size", "batch", "dynamic", "opset")  # the export.* keys that shape the graph
 # export name -> artifact kind, in the order they are made
-KINDS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
+KINDS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8", "int8-qad": "onnx-int8-qad"}
 STAGING = ".staging"  # in the output directory: `export-*` folders, one per export while it runs
 _LOCK = "lock"  # in an export's staging folder, held (flock) for the export's life
 
@@ -275,17 +275,18 @@ def check_export(e: ExportConfig) -> None:
 
 
 def export_student(model: SegFormer, out_dir: Path, e: ExportConfig, val_set, train_set,
-                   source: Path | None = None) -> dict:
+                   source: Path | None = None, qad: Path | None = None) -> dict:
     """student.onnx (parity-checked), student.fp16.onnx and student.int8.onnx as `e` asks, each with its sidecar,
     in `out_dir`: traced and checked against PyTorch, converted, finalized, then scored through Segmenter next to
     the PyTorch student; returns the report. Everything is made in a staging folder and published (each artifact
     renamed onto its final name, then its sidecar) only when every check passed: on any failure, or a kill, no
-    final name changes, and what a killed export left is removed by the next one."""
+    final name changes, and what a killed export left is removed by the next one. `qad`: the qad stage's
+    fake-quantized state of this student, exported as student.int8-qad.onnx with its learned ranges."""
     check_export(e)
     out_dir = Path(out_dir)
     with staging(out_dir) as stage, writing(out_dir, stage):  # OS errors name out_dir's files, not staged ones
         try:
-            report, records = _make(model.cpu().eval(), stage, out_dir, e, val_set, train_set, source)
+            report, records = _make(model.cpu().eval(), stage, out_dir, e, val_set, train_set, source, qad)
         except ExportError as err:  # name the artifact, not its staging copy (removed when this block ends)
             raise ExportError(str(err).replace(f"{stage}{os.sep}", f"{out_dir}{os.sep}")) from None
         for entry in report["artifacts"].values():
@@ -294,11 +295,13 @@ def export_student(model: SegFormer, out_dir: Path, e: ExportConfig, val_set, tr
     return report
 
 
-def _make(model: SegFormer, stage: Path, out_dir: Path, e: ExportConfig, val_set, train_set, source: Path | None):
+def _make(model: SegFormer, stage: Path, out_dir: Path, e: ExportConfig, val_set, train_set, source: Path | None,
+          qad: Path | None = None):
     """Every artifact `e` asks for, made and checked in `stage` (to be published in `out_dir`): (the report, each
     file's record)."""
     meta = onnx_metadata(model, e, source)
     paths = {name: stage / artifacts.run_file(kind) for name, kind in KINDS.items()}
+    made = [n for n in ("fp16", "int8") if getattr(e, n)] + (["int8-qad"] if qad else [])
     report: dict = {"spec": {k: getattr(e, k) for k in GRAPH_FIELDS}, "source": str(source or ""), "artifacts": {}}
     # the reference is the model as trained (fold=False), so parity also checks the reparameterisation
     reference = TorchBackend(DeployModel(model, e, with_logits=e.output == "labels", fold=False), "cpu",
@@ -312,8 +315,17 @@ def _make(model: SegFormer, stage: Path, out_dir: Path, e: ExportConfig, val_set
     log.info("export: parity on %d frames: max |logit diff| %.2e, argmax agreement %.4f %%", par["frames"],
              par["max_abs_logit_diff"], 100 * par["argmax_agreement"])
     report["artifacts"]["fp32"] = {"file": paths["fp32"].name, "parity": par}
-    for name in [n for n in ("fp16", "int8") if getattr(e, n)]:
-        info = convert(name, paths["fp32"], paths[name], e, train_set, meta.normalization)
+    for name in made:
+        if name == "int8-qad":
+            from pipeline.quant import load_qad
+
+            info = quantized_graph(load_qad(qad), paths[name], e, onnx_metadata(model, e, qad), checks,
+                                   {"backend": "torch", "qad": str(qad)})
+        elif name == "int8" and e.int8_backend == "torch":
+            qmodel, quantization = quantize_student(model, e, train_set, val_set, meta.normalization)
+            info = quantized_graph(qmodel, paths[name], e, meta, checks, quantization)
+        else:
+            info = convert(name, paths["fp32"], paths[name], e, train_set, meta.normalization)
         report["artifacts"][name] = {"file": paths[name].name,
                                      "parity": compare(reference, OrtBackend(paths[name], "cpu"), checks), **info}
     for name in report["artifacts"]:
@@ -331,6 +343,64 @@ def convert(name: str, fp32: Path, dst: Path, e: ExportConfig, train_set, norm: 
              e.int8_backend)
     return {"quantization": precision.to_int8(fp32, dst, np.concatenate(calib), method=e.calibration_method,
                                               backend=e.int8_backend)}
+
+
+def quantize_student(model: SegFormer, e: ExportConfig, train_set, val_set, norm: Normalization,
+                     float_ends: bool = True, bits: int = 8):
+    """(the fake-quantized deploy student, what was done): pipeline/quant.py's placement calibrated on
+    `export.calibration_frames` training frames; with `export.int8_max_drop` >= 0, the most sensitive groups stay
+    float until the fake-quantized student is within that many mIoU points of the FP32 one (pipeline/sensitivity.py).
+    `float_ends` and `bits` are quant.quantize's (the qad stage's stress settings)."""
+    from pipeline import quant
+
+    qmodel = quant.quantize(model, float_ends=float_ends, bits=bits)
+    calib = graph_inputs(train_set, e.calibration_frames, e, norm)
+    log.info("export: INT8 calibration on %d %s frames (%s, %s placement)", len(calib), train_set.split,
+             e.calibration_method, e.int8_backend)
+    quant.calibrate(DeployModel(qmodel, e, fold=False), [torch.from_numpy(x) for x in calib], e.calibration_method)
+    info: dict = {"backend": "torch", "method": e.calibration_method, "frames": len(calib), "float_ends": float_ends,
+                  "bits": bits}
+    if e.int8_max_drop >= 0:
+        from pipeline.sensitivity import choose
+
+        choice = choose(qmodel, model, val_set, e.int8_max_drop, size=tuple(e.size), frames=e.eval_frames)
+        info["mixed_precision"] = choice.record()
+        log.info("export: mixed precision within %.2f mIoU points: %d of %d groups kept in FP16 (%s)",
+                 e.int8_max_drop, len(choice.float_groups), len(quant.groups(qmodel)),
+                 ", ".join(choice.float_groups) or "none")
+    return qmodel.eval(), info
+
+
+def quantized_graph(qmodel: SegFormer, dst: Path, e: ExportConfig, meta: Metadata, checks: Sequence[np.ndarray],
+                    quantization: dict) -> dict:
+    """`dst`: the fake-quantized `qmodel` traced to Q/DQ ONNX (its ranges become the scales), everything not INT8
+    in FP16 (precision.qdq_to_fp16), and checked against `qmodel` in ONNX Runtime on `checks` (argmax agreement >=
+    export.int8_min_agreement); returns {"quantization": what was done, with that parity}."""
+    from pipeline import quant
+
+    kind = KINDS["int8-qad" if "qad" in quantization else "int8"]
+    traced = dst.with_name(f".{dst.name}.traced.onnx")
+    export_onnx(qmodel, traced, e, meta)
+    record = {**quantization, "tool": "pipeline.quant (fake quantization traced to Q/DQ)",
+              "placement": [list(row) for row in quant.PLACEMENT], "units": len(quant.units(qmodel)),
+              "groups": quant.groups(qmodel), "float_groups": quant.float_groups(qmodel),
+              "ranges": quant.range_state(qmodel)}
+    keep = precision.QDQ_FP32_OPS_LABELS if e.output == "labels" else precision.QDQ_FP32_OPS
+    try:
+        info = precision.qdq_to_fp16(traced, dst, kind, record, checks[0] if checks else None, keep)
+    finally:
+        remove(traced)
+    fake_quant = TorchBackend(DeployModel(qmodel, e, with_logits=e.output == "labels", fold=False), "cpu",
+                              outputs=output_names(e))
+    par = compare(fake_quant, OrtBackend(dst, "cpu"), checks)
+    if checks and par["argmax_agreement"] < e.int8_min_agreement:
+        raise ExportError(f"{dst}: ONNX Runtime disagrees with the fake-quantized PyTorch model on {par['frames']} "
+                          f"validation frames (argmax agreement {100 * par['argmax_agreement']:.3f} % < "
+                          f"{100 * e.int8_min_agreement:g} %, export.int8_min_agreement; a barely trained student "
+                          "has many near-ties); the artifact was removed")
+    log.info("export: %s against the fake-quantized model: max |logit diff| %.2e, argmax agreement %.4f %%",
+             dst.name, par["max_abs_logit_diff"], 100 * par["argmax_agreement"])
+    return {"quantization": {**info, "fake_quant_parity": par}}
 
 
 def score_artifacts(model: SegFormer, e: ExportConfig, val_set, report: dict, stage: Path,

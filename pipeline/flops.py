@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models import VARIANTS, build_model, load_model
-from pipeline.onnxinfo import graph_inputs
+from pipeline.onnxinfo import graph_inputs, node_macs
 
 
 @dataclass
@@ -107,43 +107,31 @@ def count_onnx(path: Path, size: tuple[int, int]) -> MacCount:
         d.Clear()
         d.dim_value = v
     model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
-              for i in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
-    shapes.update({name: list(numpy_helper.to_array(t).shape) for name, t in inits.items()})
-
-    def known(name: str, node) -> list[int]:
-        s = shapes.get(name)
-        if not s or any(v <= 0 for v in s):
-            raise InputError(f"{path}: cannot count {node.op_type} {node.name!r}: shape of {name!r} is unknown")
-        return s
-
     count = MacCount(params=sum(int(numpy_helper.to_array(t).size) for t in inits.values()
                                 if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)))
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            out, w = known(node.output[0], node), known(node.input[1], node)
-            count.conv += _prod(out) * _prod(w[1:])
-        elif node.op_type == "ConvTranspose":  # every input element meets C_out / groups x kH x kW weights
-            x, w = known(node.input[0], node), known(node.input[1], node)
-            count.conv += _prod(x) * _prod(w[1:])
-        elif node.op_type in ("MatMul", "Gemm"):
-            a, out = known(node.input[0], node), known(node.output[0], node)
-            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-            k = a[-2] if trans_a else a[-1]
-            macs = _prod(out) * k
-            # a MatMul between two activations is attention; one against a weight is a linear layer
-            if node.input[1] in inits:
-                count.linear += macs
-            else:
-                count.attention += macs
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node, macs in node_macs(model, str(path)):
+        if node.op_type in ("Conv", "ConvTranspose"):
+            count.conv += macs
+        elif _weight(node.input[1], inits, producer):  # against a weight: a linear layer; two activations: attention
+            count.linear += macs
+        else:
+            count.attention += macs
     return count
 
 
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
+# what lies between a weight initializer and the MatMul reading it: its Q/DQ pair, an FP16 Cast, a transpose
+_WEIGHT_PATH = ("DequantizeLinear", "QuantizeLinear", "Cast", "Transpose")
+
+
+def _weight(name: str, inits: dict, producer: dict) -> bool:
+    """Whether `name` is an initializer, directly or through _WEIGHT_PATH ops (a quantized or FP16 weight)."""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type not in _WEIGHT_PATH:
+            return False
+        name = node.input[0]
+    return True
 
 
 def count(spec: str, size: tuple[int, int]) -> MacCount:

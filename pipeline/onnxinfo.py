@@ -148,6 +148,45 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in model.graph.input if v.name not in weights]
 
 
+def node_macs(model: onnx.ModelProto, where: str = "graph") -> list[tuple[onnx.NodeProto, int]]:
+    """(node, MACs at the graph's input shapes) for every Conv, ConvTranspose, MatMul and Gemm of `model`, which must
+    carry inferred shapes (onnx.shape_inference.infer_shapes on static inputs); biases are not counted."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+              for v in [*g.value_info, *g.output, *g.input]}
+    shapes.update({t.name: list(numpy_helper.to_array(t).shape) for t in g.initializer})
+
+    def known(name: str, node: onnx.NodeProto) -> list[int]:
+        s = shapes.get(name)
+        if not s or any(v <= 0 for v in s):
+            raise InputError(f"{where}: cannot count {node.op_type} {node.name!r}: shape of {name!r} is unknown")
+        return s
+
+    out = []
+    for node in g.node:
+        if node.op_type == "Conv":  # every output element meets C_in / groups x kH x kW weights
+            macs = _prod(known(node.output[0], node)) * _prod(known(node.input[1], node)[1:])
+        elif node.op_type == "ConvTranspose":  # every input element meets C_out / groups x kH x kW weights
+            macs = _prod(known(node.input[0], node)) * _prod(known(node.input[1], node)[1:])
+        elif node.op_type in ("MatMul", "Gemm"):
+            a = known(node.input[0], node)
+            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+            macs = _prod(known(node.output[0], node)) * (a[-2] if trans_a else a[-1])
+        else:
+            continue
+        out.append((node, macs))
+    return out
+
+
+def _prod(xs: Sequence[int]) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
 def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
     """Inputs, outputs, precision and metadata of an ONNX file; external weights are not loaded."""
     import onnx
@@ -168,5 +207,5 @@ def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
                     {p.key: p.value for p in model.metadata_props})
 
 
-__all__ = ["OnnxInfo", "Shape", "Tensor", "fmt", "graph_inputs", "inspect_onnx", "onnx_precision", "parse_shapes",
-           "random_array", "resolve_shapes", "tensor_of"]
+__all__ = ["OnnxInfo", "Shape", "Tensor", "fmt", "graph_inputs", "inspect_onnx", "node_macs", "onnx_precision",
+           "parse_shapes", "random_array", "resolve_shapes", "tensor_of"]

@@ -208,13 +208,14 @@ def _prune(model) -> None:
         graph.initializer.remove(init)
 
 
-def _stamp(model, source, src: Path, precision: str, details: dict, tool: tuple[str, str]) -> None:
+def _stamp(model, source, src: Path, precision: str, details: dict, tool: tuple[str, str], kind: str = "") -> None:
     """The source graph's metadata on the converted one; the pipeline's record (artifacts.Metadata), where the source
-    carries one, becomes the derived kind's record (onnx-fp16, onnx-int8) with what was done in `details`."""
+    carries one, becomes the derived kind's record (`kind`, by default onnx-<precision>) with what was done in
+    `details`."""
     props = {p.key: p.value for p in source.metadata_props}
     if artifacts.ONNX_KEY in props:
         meta = artifacts.read_onnx(props, str(src))
-        props |= replace(meta, kind=f"onnx-{precision}", precision=precision,
+        props |= replace(meta, kind=kind or f"onnx-{precision}", precision=precision,
                          versions={**meta.versions, tool[0]: tool[1]},
                          details={**details, "source_file": src.name}).onnx_props()
     del model.metadata_props[:]
@@ -248,14 +249,11 @@ def _summary(model) -> dict:
             "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
 
 
-def to_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP32_OPS) -> dict:
-    """FP16 weights and activations except `keep_fp32_ops` (Cast nodes at their borders); graph inputs and
-    outputs keep their types. Uses Model Optimizer AutoCast with an op block list (no calibration, deterministic).
-    Writes `dst` atomically and returns what was done."""
+def _autocast(source, src: Path, dst: Path, keep_fp32_ops: Sequence[str]):
+    """(FP16 copy of `source` with `keep_fp32_ops` in FP32 and the graph's I/O types kept, what was done): Model
+    Optimizer AutoCast with an op block list (no calibration, deterministic). Q/DQ pairs stay, with FP16 scales."""
     import onnx
 
-    src, dst = Path(src), Path(dst)
-    source = _load(src)
     _check_dst(dst)
     tool_version = _require_modelopt("FP16 conversion")
     from modelopt.onnx.autocast import convert_to_f16
@@ -271,13 +269,49 @@ def to_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP32_OPS) -> di
     except Exception as e:
         raise ExportError(f"{src}: FP16 conversion with nvidia-modelopt {tool_version} failed "
                           f"({_first_line(e)})") from None
-    info = {"precision": "fp16", "tool": "nvidia-modelopt autocast (convert_to_f16)", "version": tool_version,
+    info = {"tool": "nvidia-modelopt autocast (convert_to_f16)", "version": tool_version,
             "fp32_op_types": list(keep_fp32_ops),
             "fp32_nodes": sum(n.op_type in keep_fp32_ops for n in model.graph.node), "io_types_kept": True,
             "fp16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer),
             **_summary(model)}
-    _stamp(model, source, src, "fp16", {"conversion": info}, ("nvidia-modelopt", tool_version))
+    return model, info
+
+
+def to_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP32_OPS) -> dict:
+    """FP16 weights and activations except `keep_fp32_ops` (Cast nodes at their borders); graph inputs and
+    outputs keep their types. Writes `dst` atomically and returns what was done."""
+    src, dst = Path(src), Path(dst)
+    source = _load(src)
+    model, info = _autocast(source, src, dst, keep_fp32_ops)
+    info = {"precision": "fp16", **info}
+    _stamp(model, source, src, "fp16", {"conversion": info}, ("nvidia-modelopt", info["version"]))
     _finish(model, dst, None)
+    return info
+
+
+# The traced Q/DQ graph (pipeline/quant.py) runs everything that is not INT8 in FP16: LayerNormalization with FP16
+# input and output still computes its statistics in FP32 (ONNX's stash_type=1, the default: inputs cast to float,
+# normalised, cast back), so the Casts an FP32 LayerNorm needs at both borders go; Softmax's output is rounded to
+# INT8 steps of 1/127 right after; the decode head's feature upsamples are plain interpolation. A labels graph keeps
+# its final upsample and argmax in FP32 (AutoCast blocks by op type, so its feature upsamples stay FP32 as well).
+QDQ_FP32_OPS: tuple[str, ...] = ()
+QDQ_FP32_OPS_LABELS = ("Resize", "ArgMax")
+
+
+def qdq_to_fp16(src: Path, dst: Path, kind: str, quantization: dict, feed: np.ndarray | None,
+                keep_fp32_ops: Sequence[str] = QDQ_FP32_OPS) -> dict:
+    """The traced Q/DQ graph `src` with everything that does not run in INT8 in FP16 (`keep_fp32_ops` in FP32):
+    the strongly typed graph TensorRT builds as it is. Stamped as `kind` with `quantization` (what quant.py did)
+    in its record; checked, run once on `feed` and written to `dst` atomically. Returns what was done."""
+    src, dst = Path(src), Path(dst)
+    source = _load(src)
+    model, info = _autocast(source, src, dst, keep_fp32_ops)
+    info = {**quantization, "precision": "int8", "high_precision": "fp16", "fp16_conversion": info,
+            "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
+            "quantized_nodes": _quantized_nodes(model), **_summary(model)}
+    _stamp(model, source, src, "int8", {"quantization": info}, ("nvidia-modelopt", info["fp16_conversion"]["version"]),
+           kind=kind)
+    _finish(model, dst, feed)
     return info
 
 

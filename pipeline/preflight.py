@@ -5,6 +5,7 @@ run directory as it was."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import warnings
 from dataclasses import replace
@@ -15,7 +16,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.artifacts import run_file, sidecar_path
-from pipeline.config import Config, ModelConfig, method_options
+from pipeline.config import Config, ModelConfig, method_options, qad_options
 from pipeline.errors import ConfigError, DataError, InputError, PipelineError
 
 if TYPE_CHECKING:
@@ -34,13 +35,15 @@ def check(cfg: Config, stages: list[str], args: argparse.Namespace, run_dir: Pat
             model_config("teacher", cfg.teacher, cfg)
         elif stage == "distill":
             check_distill(cfg, run_dir, trained_teacher="teacher" in earlier)
+        elif stage == "qad":
+            check_qad(cfg, run_dir, args, distilled_here="distill" in earlier, trained_teacher="teacher" in earlier)
         elif stage in ("eval", "export"):
             check_student(cfg, run_dir, stage, args, made_here="distill" in earlier)
         elif stage == "segment-bag":
             check_segment_bag(run_dir, args, exported_here="export" in earlier)
     if "eval" in stages and getattr(args, "write_cityscapes", None):
         writable_folder(Path(args.write_cityscapes), "--write-cityscapes")
-    check_run_dir(run_dir, cfg, training=any(STAGES[s].trains for s in stages))
+    check_run_dir(run_dir, cfg, training=any(STAGES[s].trains for s in stages), qad="qad" in stages)
 
 
 # ------------------------------------------------------------------------------------------------ places
@@ -58,9 +61,10 @@ def writable_folder(path: Path, key: str) -> None:
                          f"{key}")
 
 
-def check_run_dir(run_dir: Path, cfg: Config, training: bool) -> None:
+def check_run_dir(run_dir: Path, cfg: Config, training: bool, qad: bool = False) -> None:
     """The run directory can be written, and an existing one was made with the same values of every key that
-    changes what its training computes (else training there is refused, unless train.resume=never)."""
+    changes what its training computes (else training there is refused, unless train.resume=never). The qad.* keys
+    count only when the qad stage (`qad`) resumes a training of its own there."""
     writable_folder(run_dir, "--run-dir")
     path = run_dir / "config.yaml"
     if not (training and cfg.train.resume == "auto" and path.is_file()):
@@ -72,9 +76,12 @@ def check_run_dir(run_dir: Path, cfg: Config, training: bool) -> None:
     except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError):
         return  # an unreadable record is archived by the run, not compared
     new = config_mod.flatten(yaml.safe_load(config_mod.dump(cfg)))
-    # export.* and bench.* only shape artifacts made from the trained models, never the training itself
+    # export.* and bench.* only shape artifacts made from the trained models, never the training itself; qad.* only
+    # the qad stage's training (a run directory distilled before, or made before the qad keys existed, takes any)
+    resumes_qad = qad and (run_dir / "checkpoints" / "qad" / "last.json").is_file()
+    ignored = ("export.", "bench.") + (() if resumes_qad else ("qad.",))
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS
-                    and not k.startswith(("export.", "bench.")))
+                    and not k.startswith(ignored))
     if differ:
         shown = ", ".join(differ[:6]) + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
         raise ConfigError(f"{path}: this run directory was made with other values of {shown}; use another "
@@ -184,21 +191,87 @@ def model_config(role: str, spec: ModelConfig, cfg: Config) -> SegFormerConfig:
     return SegFormerConfig.from_variant(spec.variant, num_classes=n)
 
 
+def distill_teacher(cfg: Config, run_dir: Path, trained_teacher: bool) -> SegFormerConfig:
+    """The architecture of the teacher run_distill uses: teacher.checkpoint, the run's trained teacher, or the one it
+    trains first."""
+    in_run = run_dir / run_file("checkpoint", "teacher")
+    if cfg.teacher.checkpoint:
+        return model_config("teacher", cfg.teacher, cfg)
+    if not trained_teacher and in_run.is_file() and (run_dir / run_file("checkpoint", "teacher.last")).is_file():
+        teacher = checkpoint_config(in_run, "the run's teacher")
+        check_classes("the run's teacher", in_run, teacher.num_classes, cfg)
+        return teacher
+    return model_config("teacher", cfg.teacher, cfg)  # trained first, by this run
+
+
 def check_distill(cfg: Config, run_dir: Path, trained_teacher: bool) -> None:
     """The teacher run_distill will use and the student it will make, and the method resolved for the pair: method
     name, every distill.weights key and value, the pair's widths and classes."""
     from pipeline.distill.methods import resolve_method
 
+    teacher = distill_teacher(cfg, run_dir, trained_teacher)
+    student = model_config("student", cfg.student, cfg)
+    resolve_method(cfg.distill.method, teacher, student, **method_options(cfg))
+
+
+LOGIT_KD = ("kd", "temperature")  # the logit-KD term and its option (method kd's), which QAD adds to any method
+
+
+def qad_settings(cfg: Config, teacher: SegFormerConfig, student: SegFormerConfig) -> tuple[dict, dict]:
+    """The qad stage's method settings for the pair, every key and value checked (ConfigError): (the options of
+    distill.method, qad.weights over distill.weights; {"kd": weight, "temperature": T} where that method has no
+    logit-KD term of its own and QAD adds one, else {})."""
+    from pipeline.distill.methods import COMMON_OPTIONS, METHODS, resolve_method
+
+    name = cfg.distill.method
+    native = [*METHODS[name].weights, *METHODS[name].options, *COMMON_OPTIONS]
+    for key in cfg.qad.weights:
+        if key not in native and key not in LOGIT_KD:
+            close = difflib.get_close_matches(key, [*native, *LOGIT_KD], n=1)
+            raise ConfigError(f"qad.weights.{key}: unknown setting {key!r}; expected one of "
+                              f"{', '.join([*native, *LOGIT_KD])} (method {name}'s settings and logit KD"
+                              f"{f'; did you mean {close[0]}?' if close else ''})")
+    own = qad_options(cfg)
+    added = {k: own.pop(k) for k in LOGIT_KD if k in own and k not in native}
+    resolve_method(name, teacher, student, **own)
+    if not added:
+        return own, {}
+    try:
+        kd = resolve_method("kd", teacher, student, **{"kd": 0.0, **added})
+    except ConfigError as e:
+        raise ConfigError(f"qad.weights (logit KD): {e}") from None
+    return own, {"kd": kd.weights["kd"], "temperature": kd.options["temperature"]} if kd.weights["kd"] > 0 else {}
+
+
+def check_qad(cfg: Config, run_dir: Path, args: argparse.Namespace, distilled_here: bool,
+              trained_teacher: bool) -> None:
+    """What the qad stage reads: the float student (--checkpoint, or the run's unless this run distils it first),
+    never a QAD state; the teacher (teacher.checkpoint, or the run's); the method with qad.weights for the pair."""
+    given = getattr(args, "checkpoint", None)
+    if given or not distilled_here:
+        path = Path(given or run_dir / run_file("checkpoint"))
+        key = "--checkpoint" if given else "the run's student"
+        if not path.exists():
+            raise InputError(f"{path}: no student to fine-tune with quantization (qad); run the distill stage first or "
+                             "pass --checkpoint")
+        from pipeline.quant import is_qad_file
+
+        if is_qad_file(path):
+            raise InputError(f"{key} {path}: already fake-quantized (a QAD state); qad starts from the float student")
+        student = checkpoint_config(path, key)
+        check_classes(key, path, student.num_classes, cfg)
+    else:
+        student = model_config("student", cfg.student, cfg)
     in_run = run_dir / run_file("checkpoint", "teacher")
-    if cfg.teacher.checkpoint:
-        teacher = model_config("teacher", cfg.teacher, cfg)
-    elif not trained_teacher and in_run.is_file() and (run_dir / run_file("checkpoint", "teacher.last")).is_file():
+    if cfg.teacher.checkpoint or distilled_here:
+        teacher = distill_teacher(cfg, run_dir, trained_teacher)
+    elif in_run.is_file():
         teacher = checkpoint_config(in_run, "the run's teacher")
         check_classes("the run's teacher", in_run, teacher.num_classes, cfg)
     else:
-        teacher = model_config("teacher", cfg.teacher, cfg)  # trained first, by this run
-    student = model_config("student", cfg.student, cfg)
-    resolve_method(cfg.distill.method, teacher, student, **method_options(cfg))
+        raise InputError(f"{in_run}: no teacher to distil from while quantizing (qad); run the distill stage first or "
+                         "set teacher.checkpoint")
+    qad_settings(cfg, teacher, student)
 
 
 def check_student(cfg: Config, run_dir: Path, stage: str, args: argparse.Namespace, made_here: bool) -> None:

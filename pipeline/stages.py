@@ -5,6 +5,7 @@ the stages import what they run with inside their functions."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -16,9 +17,10 @@ from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC, default_out
 from pipeline.config import Config, ModelConfig, export_size, method_options
 from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.io import atomic_path, write_json
-from pipeline.preflight import backbone_config, check_variant
+from pipeline.preflight import backbone_config, check_variant, qad_settings
 
 if TYPE_CHECKING:
+    from pipeline.distill.methods import DistillMethod
     from pipeline.models.segformer import SegFormer
     from pipeline.train import DistEnv
 
@@ -26,6 +28,7 @@ log = logging.getLogger("pipeline")
 Row = tuple[str, str]  # (file or name, what it is): one line of the outputs list printed after a run
 STUDENT = run_file("checkpoint")
 TEACHER = run_file("checkpoint", "teacher")
+QAD_STUDENT = run_file("checkpoint-qad")
 ENGINE_KINDS = tuple(kinds("tensorrt"))  # each built from the ONNX of its row's `source`
 
 
@@ -129,6 +132,106 @@ def run_distill(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {**out, **summary, "teacher_checkpoint": str(teacher_path), "skipped_samples": _skipped(run_dir)}
 
 
+# ------------------------------------------------------------------------------------------------ QAD
+def run_qad(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """Quantization-aware distillation: the run's student (or --checkpoint) fake-quantized as the INT8 export
+    quantizes it and calibrated as its PTQ is, then fine-tuned by the Trainer against the frozen teacher with the
+    run's method plus logit KD (qad.*). Step 0 scores the calibrated model: the log and summary read PTQ -> QAD."""
+    from pipeline.io import sha256_file
+    from pipeline.models import load_model
+    from pipeline.train import Trainer
+
+    given = getattr(args, "checkpoint", None)
+    path = Path(given or run_dir / STUDENT)  # both checked by preflight.check_qad
+    teacher_path = Path(cfg.teacher.checkpoint or run_dir / TEACHER)
+    train, val = datasets(cfg, run_dir, env)
+    teacher, student = load_model(teacher_path), load_model(path)
+    for file, model in ((teacher_path, teacher), (path, student)):
+        if model.config.num_classes != train.num_classes:
+            raise ConfigError(f"{file}: predicts {model.config.num_classes} classes, the dataset {train.name} has "
+                              f"{train.num_classes}")
+    qmodel, calibration = qad_student(cfg, student, train, val)
+    method = qad_method(cfg, teacher, qmodel)
+    modules = "none" if not len(method.modules) else "seeded init" if given else distill_modules(run_dir, method)
+    log.info("qad: %s -> INT8 %s with %s, weights %s; train-only modules from %s", path.name,
+             qmodel.config.variant, method.name, json.dumps(method.weights), modules)
+    record = {"source_sha256": sha256_file(path),
+              "quantization": {"calibration": calibration, "learn_ranges": cfg.qad.learn_ranges,
+                               "method": method.describe(), "modules_from": modules}}
+    summary = Trainer("qad", cfg, run_dir, qmodel, method, train, val, env, record=record).fit()
+    return {**summary, "student_checkpoint": str(path), "teacher_checkpoint": str(teacher_path),
+            "skipped_samples": _skipped(run_dir)}
+
+
+def qad_student(cfg: Config, student: SegFormer, train_set, val_set) -> tuple[SegFormer, dict]:
+    """(the fake-quantized student QAD starts from, its calibration record): quant.quantize, every group INT8,
+    calibrated by the export's own PTQ path (export.quantize_student) on qad.calibration_frames training frames
+    at the exported size, so that PTQ and QAD start from one point; ranges trainable when qad.learn_ranges."""
+    from pipeline import quant
+    from pipeline.artifacts import Normalization
+    from pipeline.export import quantize_student
+
+    q = cfg.qad
+    e = replace(cfg.export, size=export_size(cfg), calibration_frames=q.calibration_frames,
+                calibration_method=q.calibration_method, int8_max_drop=-1.0)
+    norm = Normalization(list(student.meta.mean), list(student.meta.std))
+    qmodel, calibration = quantize_student(student.cpu().eval(), e, train_set, val_set, norm, q.float_ends, q.bits)
+    quant.learn_ranges(qmodel, q.learn_ranges)
+    return qmodel, calibration
+
+
+def qad_method(cfg: Config, teacher: SegFormer, qmodel: SegFormer) -> DistillMethod:
+    """The run's distill.method for the fake-quantized student: qad.weights over distill.weights, and logit KD added
+    where the method has no such term (preflight.qad_settings); train-only modules from the seeded init distill
+    starts them from."""
+    from pipeline.distill import DistillMethod, build_method
+    from pipeline.train import derived_seed, seed_everything
+
+    own, logit_kd = qad_settings(cfg, teacher.config, qmodel.config)
+    seed_everything(derived_seed(cfg.seed, "modules", "init"))
+    method = build_method(cfg.distill.method, teacher, qmodel, **own)
+    if not logit_kd:
+        return method
+    return DistillMethod(method.name, teacher, qmodel, {**method.weights, "kd": logit_kd["kd"]},
+                         {**method.options, "temperature": logit_kd["temperature"]}, dict(method.modules))
+
+
+def distill_modules(run_dir: Path, method: DistillMethod) -> str:
+    """Load `method`'s train-only modules from the distill run's newest training state (checkpoints/student) when it
+    holds them for this method with these shapes: they were trained against this teacher on the float student's
+    features, which the fake-quantized student's follow closely. Returns where they came from."""
+    from pipeline.errors import CheckpointError
+    from pipeline.io import load_state
+
+    fresh = "seeded init (no matching distill state)"
+    pointer = run_dir / "checkpoints" / "student" / "last.json"
+    try:
+        stem = pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+        state = load_state(stem)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return fresh
+    saved, own = state.get("modules"), method.modules.state_dict()
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if config.get("distill.method") != method.name or not isinstance(saved, dict) or set(saved) != set(own) or \
+            any(saved[k].shape != own[k].shape for k in own):
+        return fresh
+    method.modules.load_state_dict(saved)
+    return f"{stem}.safetensors"
+
+
+def _qad_rows(result: dict) -> list[Row]:
+    """The QAD state with its validation mIoU before the first step (the calibrated PTQ model) and at its best."""
+    from pipeline.train import model_files
+
+    if not result:
+        return []
+    best, last = model_files("qad")
+    start = result.get("start_val_miou")
+    scores = f"val mIoU {100 * start:.2f} % (PTQ, step 0) -> " if start is not None else ""
+    return [(best, f"fake-quantized student (+ .json sidecar), {scores}best {100 * result['best_val_miou']:.2f} %; "
+                   f"{last}: final step")]
+
+
 def _training_rows(result: dict) -> list[Row]:
     """The best validation mIoU of each model the stage trained (distill may have trained the teacher first)."""
     parts = ([result["teacher"]] if isinstance(result.get("teacher"), dict) else []) + [result]
@@ -190,7 +293,7 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
         raise ConfigError(f"{path}: predicts {model.config.num_classes} classes, {val.name} has {val.num_classes}; "
                           "export checks and calibrates on the run's dataset (data.dataset, data.root)")
     e = replace(cfg.export, size=export_size(cfg))
-    report = export_student(model, run_dir, e, val, train, source=path)
+    report = export_student(model, run_dir, e, val, train, source=path, qad=_qad_state(run_dir, path))
     if e.engines == "auto":
         from trt.build import tensorrt_unavailable
 
@@ -211,6 +314,32 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     return {"artifacts": {k: v["file"] for k, v in report["artifacts"].items()},
             "miou": {"pytorch": report["pytorch"]["miou"], **{k: v["miou"] for k, v in report["artifacts"].items()}},
             "engines": report.get("engines")}
+
+
+def _qad_state(run_dir: Path, student: Path) -> Path | None:
+    """The run's QAD state when it was made from `student` (the record's source_sha256): exported beside the PTQ
+    graph. One made from another student (retrained since, or --checkpoint) is left out, saying so."""
+    from pipeline.artifacts import read_sidecar
+    from pipeline.io import sha256_file
+
+    path = run_dir / QAD_STUDENT
+    if not path.is_file():
+        return None
+    try:
+        record = read_sidecar(path)
+    except InputError as e:
+        log.warning("export: no %s (%s)", run_file("onnx-int8-qad"), e)
+        return None
+    made_from, bits = record.source_sha256, record.details.get("quantization", {}).get("bits", 8)
+    if bits != 8:
+        log.warning("export: no %s: %s is a %s-bit stress state (qad.bits), which runs in PyTorch only",
+                    run_file("onnx-int8-qad"), path.name, bits)
+        return None
+    if made_from != sha256_file(student):
+        log.warning("export: no %s: %s was made from another student than %s; run the qad stage again",
+                    run_file("onnx-int8-qad"), path.name, student)
+        return None
+    return path
 
 
 def _export_rows(result: dict) -> list[Row]:
@@ -365,6 +494,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "teacher.checkpoint)", rows=_training_rows, trains=True, reads_data=True),
     Stage("distill", run_distill, "distil the student from the teacher (trains the teacher first when there is none)",
           rows=_training_rows, trains=True, reads_data=True),
+    Stage("qad", run_qad, f"quantization-aware distillation: the run's student (or --checkpoint) fake-quantized as the "
+          f"INT8 export does, calibrated, fine-tuned against the teacher (qad.* keys): {QAD_STUDENT}", (CHECKPOINT,),
+          _qad_rows, trains=True, reads_data=True),
     Stage("eval", run_eval, f"mIoU of a checkpoint (--checkpoint, default the run's {STUDENT}) on the validation "
           "split", (CHECKPOINT, *EVAL_FLAGS), _eval_rows, reads_data=True),
     Stage("export", run_export, f"{run_file('onnx')} (parity-checked), "

@@ -1,4 +1,5 @@
-"""One Trainer for a teacher, a student alone or distillation: AMP, torchrun DDP, atomic checkpoints, exact resume."""
+"""One Trainer for a teacher, a student alone, distillation or quantization-aware distillation (QAD): AMP, torchrun
+DDP, atomic checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ from pipeline.models import save_model
 from pipeline.models.segformer import SegFormer
 
 log = logging.getLogger("pipeline")
+QAD = "qad"  # the role that fine-tunes the fake-quantized student (pipeline/quant.py) against the teacher
 # keys that may change between a run and its resumption: they do not change what is computed
-RESUMABLE_KEYS = ("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
-                  "train.resume", "data.workers", "data.root")
+RESUMABLE_KEYS = ("train.log_every", "train.eval_every", "qad.eval_every", "train.ckpt_every",
+                  "train.keep_checkpoints", "train.resume", "data.workers", "data.root")
 
 
 class TrainingError(PipelineError):
@@ -214,6 +216,23 @@ def set_rng_state(rng: dict, cuda: bool) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def role_config(cfg: Config, role: str) -> Config:
+    """The config `role` trains with. QAD takes its steps, lr and warm-up from the qad section and runs in float32:
+    fake quantization rounds each tensor to a grid of 255 steps, which a bf16 (8-bit mantissa) or fp16 autocast would
+    round again, so the model trained would not be the one exported. Every other role trains with `cfg` itself."""
+    if role != QAD:
+        return cfg
+    q = cfg.qad
+    return replace(cfg, train=replace(cfg.train, steps=q.steps, lr=q.lr, warmup_steps=q.warmup_steps, amp="off",
+                                      eval_every=q.eval_every))
+
+
+def model_files(role: str) -> tuple[str, str]:
+    """The run directory's files of the model `role` trains: (best on validation, final step)."""
+    best = run_file("checkpoint-qad") if role == QAD else run_file("checkpoint", role)
+    return best, best.removesuffix(".safetensors") + ".last.safetensors"
+
+
 def config_view(cfg: Config, role: str) -> dict:
     """The config keys that decide what a role's training computes (RESUMABLE_KEYS left out), as JSON values."""
     view = {k: v for k, v in keys(cfg).items() if k.split(".")[0] in ("data", "train", "distill", "seed", role)}
@@ -320,11 +339,13 @@ class MetricsLog:
 
 
 class Trainer:
-    """Trains `student` (the model being trained in this stage: a teacher, or a student) with `method`."""
+    """Trains `student` (the model being trained in this stage: a teacher, a student, or for role "qad" the
+    fake-quantized student, saved with quant.save_qad and `record`, its keywords) with `method`."""
 
     def __init__(self, role: str, cfg: Config, run_dir: Path, student: SegFormer, method: DistillMethod,
-                 train_set, val_set, env: DistEnv) -> None:
-        self.role, self.cfg, self.run_dir, self.env = role, cfg, run_dir, env
+                 train_set, val_set, env: DistEnv, record: dict | None = None) -> None:
+        cfg = role_config(cfg, role)
+        self.role, self.cfg, self.run_dir, self.env, self.record = role, cfg, run_dir, env, record or {}
         self.t = t = cfg.train
         self.steps = getattr(cfg, role).steps or t.steps
         self.global_batch = t.batch_size * t.accumulate * env.world
@@ -345,6 +366,7 @@ class Trainer:
         self.ckpt = Checkpointer(run_dir, role, t.keep_checkpoints, config_view(cfg, role))
         self.metrics: MetricsLog | None = None  # opened by fit
         self.start, self.best = 0, -1.0
+        self.start_miou: float | None = None  # QAD: the calibrated (PTQ) student's score, before any step
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then poly decay from lr to lr * final_lr_ratio over the remaining steps."""
@@ -366,6 +388,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "amp": self.precision.record(self.t.amp, self.env.device),
             "rng": rng_state(self.env.device.type == "cuda"),
             "data": {"position": step * self.global_batch, "samples": len(self.train_set)},
+            **({"start_miou": self.start_miou} if self.role == QAD else {}),
         }
 
     def resume(self) -> None:
@@ -389,6 +412,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.env.device.type == "cuda")
         self.start, self.best = state["step"], state["best_miou"]
+        self.start_miou = state.get("start_miou")
         log.info("%s: resumed from %s (step %d of %d)", self.role, self.ckpt.last, self.start, self.steps)
 
     # ------------------------------------------------------------------------------------------ one step
@@ -456,13 +480,18 @@ class Trainer:
             self.metrics.validation(step, result.miou, result.pixel_acc)
             if result.miou > self.best:
                 self.best = result.miou
-                self._save_model(run_file("checkpoint", self.role), step, result.miou)
+                self._save_model(model_files(self.role)[0], step, result.miou)
         return result.miou
 
     def _save_model(self, name: str, step: int, miou: float | None) -> None:
         extra = {"step": step, "val_miou": miou, "dataset": self.cfg.data.dataset, "method": self.method.name}
-        save_model(self.student, self.run_dir / name, source=f"{self.role} training, {self.method.name}, step {step}",
-                   extra=extra)
+        source = f"{self.role} training, {self.method.name}, step {step}"
+        if self.role == QAD:  # the fake-quantized model: its ranges and float groups are part of what is saved
+            from pipeline.quant import save_qad
+
+            save_qad(self.student, self.run_dir / name, source=source, training=extra, **self.record)
+        else:
+            save_model(self.student, self.run_dir / name, source=source, extra=extra)
 
     def fit(self) -> dict:
         """Train to `steps`, resuming first when allowed; returns the run summary."""
@@ -472,11 +501,14 @@ class Trainer:
                  "float32" if self.precision.dtype is None else f"{self.precision.name} autocast", env.device,
                  self.precision.reason)
         self.metrics = MetricsLog(self.role, self.run_dir, self.steps, self.start, t.log_every, env.main)
-        self.student.train()
-        self.method.modules.train()
-        batches = iter(self._loader())
-        seen, t0, terms = 0, time.perf_counter(), {}
+        seen, terms = 0, {}
         try:
+            if self.role == QAD and self.start == 0:  # step 0 is the calibrated (PTQ) model: PTQ -> QAD in the log
+                self.start_miou = self.validate(0)
+            self.student.train()
+            self.method.modules.train()
+            batches = iter(self._loader())
+            t0 = time.perf_counter()
             for step in range(self.start, self.steps):
                 terms = self.train_step(step, batches)
                 seen += self.global_batch
@@ -497,9 +529,11 @@ class Trainer:
                    "global_batch": self.global_batch, "best_val_miou": self.best,
                    "amp": self.precision.record(t.amp, env.device),
                    "images_per_s": seen / max(time.perf_counter() - t0, 1e-9) if seen else None,
-                   "final_losses": terms if self.start < self.steps else None}
+                   "final_losses": terms if self.start < self.steps else None,
+                   **({"start_val_miou": self.start_miou} if self.role == QAD else {})}
         if env.main:
-            self._save_model(f"{self.role}.last.safetensors", self.steps, None)
-            if not (self.run_dir / run_file("checkpoint", self.role)).is_file():
-                self._save_model(run_file("checkpoint", self.role), self.steps, None)
+            best, last = model_files(self.role)
+            self._save_model(last, self.steps, None)
+            if not (self.run_dir / best).is_file():
+                self._save_model(best, self.steps, None)
         return summary

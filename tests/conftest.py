@@ -70,6 +70,30 @@ def student():
     return spread_student()
 
 
+@pytest.fixture(scope="session")
+def fitted_student(synthetic):
+    """(a MiT-B0 fitted for 20 AdamW steps to the 8 training frames of a 64x128 synthetic set, that set's folder):
+    a trained network's logit scale and margins, which quantization-parity checks need (a random network's argmax
+    flips with every rounding step)."""
+    from pipeline.data import TrainTransform, build_dataset
+    from pipeline.models import build_model
+
+    root = synthetic(8, 6, (64, 128))
+    train = build_dataset("synthetic", root, "train", TrainTransform(size=(64, 128), flip=False, jitter=False))
+    torch.manual_seed(0)
+    model = build_model("mit_b0", num_classes=19)
+    x = torch.stack([train[i]["image"] for i in range(len(train))])
+    y = torch.stack([train[i]["label"] for i in range(len(train))])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(20):
+        logits = torch.nn.functional.interpolate(model(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), root
+
+
 def run_cli(*args: str, cwd: Path | str = ROOT, module: str | None = "pipeline.run", timeout: float = 600,
             env: dict | None = None) -> tuple[int, str, str]:
     """A command line in a child process (`python -m module args`, or `python args` when module is None), with the

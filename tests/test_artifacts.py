@@ -105,8 +105,14 @@ def test_records_of_another_schema_version_kind_or_layout_are_refused():
 def test_the_table_names_every_run_directory_file():
     assert run_file("checkpoint") == "student.safetensors"
     assert run_file("checkpoint", "teacher") == "teacher.safetensors"
-    assert [run_file(k) for k in artifacts.kinds("onnx")] == ["student.onnx", "student.fp16.onnx", "student.int8.onnx"]
-    assert [run_file(k) for k in artifacts.kinds("tensorrt")] == ["student.fp16.plan", "student.int8.plan"]
+    assert run_file("checkpoint-qad") == "student.qad.safetensors"
+    assert [run_file(k) for k in artifacts.kinds("onnx")] == ["student.onnx", "student.fp16.onnx", "student.int8.onnx",
+                                                             "student.int8-qad.onnx"]
+    assert [run_file(k) for k in artifacts.kinds("tensorrt")] == ["student.fp16.plan", "student.int8.plan",
+                                                                 "student.int8-qad.plan"]
+    # each engine kind is built from one ONNX kind, and the FP32 graph builds none
+    assert [artifacts.plan_kind(k) for k in artifacts.kinds("onnx")] == [None, "plan-fp16", "plan-int8",
+                                                                        "plan-int8-qad"]
     for kind in ARTIFACTS.values():
         assert kind.source in ("", *ARTIFACTS), kind.name
         assert kind.precision in artifacts.PRECISIONS

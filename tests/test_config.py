@@ -48,10 +48,20 @@ def test_yaml_then_command_line(tmp_path):
     ("export.input=rgb", r"export.input='rgb': expected one of float, uint8"),
     ("export.output=mask", r"expected one of logits, labels"),
     ("export.calibration_method=percentile", r"expected one of entropy, max"),
-    ("export.int8_backend=tensorrt", r"expected one of modelopt, ort"),
+    ("export.int8_backend=tensorrt", r"expected one of torch, modelopt, ort"),
     ("export.opset=16", r"export.opset=16: expected >= 17"),
     ("export.parity_max_diff=0", r"export.parity_max_diff=0.0: expected a number > 0"),
     ("export.parity_min_agreement=1.5", r"export.parity_min_agreement=1.5: expected a number within \[0, 1\]"),
+    # quantization-aware distillation (the qad stage); qad.weights' terms are checked against the method (test_qad)
+    ("qad.steps=0", r"qad.steps=0: expected a number >= 1"),
+    ("qad.lr=0", r"qad.lr=0.0: expected a number > 0"),
+    ("qad.warmup_steps=-1", r"qad.warmup_steps=-1: expected a number >= 0"),
+    ("qad.calibration_frames=0", r"qad.calibration_frames=0: expected a number >= 1"),
+    ("qad.calibration_method=percentile", r"qad.calibration_method='percentile': expected one of entropy, max"),
+    ("qad.learn_ranges=sometimes", r"qad.learn_ranges='sometimes': expected true or false"),
+    ("qad.weights=3", r"qad.weights=3: expected a mapping of names like \{pea: 1.0\}"),
+    ("qad.weights.kd.x=1", r"unknown key 'qad.weights.kd.x'"),
+    ("qad=3", r"qad=3: expected a mapping of the qad.\* keys"),
 ])
 def test_bad_values_are_one_line_errors(item, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -67,6 +77,18 @@ def test_bad_yaml_names_the_file(tmp_path):
     f.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key 'train.stepz' \(in .*bad.yaml\)"):
         config.load(f)
+
+
+def test_the_qad_section_reads_from_yaml_and_shows_in_the_resolved_config(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("qad:\n  steps: 7\n  learn_ranges: false\n  weights: {hcl: 0}\n")
+    cfg = config.load(f, ["qad.weights.temperature=2"])
+    assert cfg.qad.steps == 7 and cfg.qad.learn_ranges is False
+    assert cfg.qad.weights == {"hcl": 0, "temperature": 2}  # a mapping replaces the default {kd: 1.0}
+    assert config.Config().qad.weights == {"kd": 1.0}
+    dumped = config.load(None, []).to_dict()["qad"]
+    assert set(dumped) == {"steps", "lr", "warmup_steps", "eval_every", "weights", "calibration_frames",
+                           "calibration_method", "learn_ranges", "float_ends", "bits"}
 
 
 def test_shipped_dataset_configs_load():
@@ -121,7 +143,7 @@ def test_help_lists_stages_their_flags_and_every_key_with_its_default():
 
 def test_flags_belong_to_their_stages():
     flags = {name: owners for name, (_, owners) in stage_flags().items()}
-    assert flags["--checkpoint"] == ["eval", "export"] and flags["--quarter-res"] == ["eval"]
+    assert flags["--checkpoint"] == ["qad", "eval", "export"] and flags["--quarter-res"] == ["eval"]
     assert all(flags[f] == ["segment-bag"] for f in ("--bag", "--topic", "--artifact", "--out", "--video", "--fps",
                                                       "--no-overlay", "--mask-topic", "--overlay-topic"))
     assert not STAGES["distill"].flags and not STAGES["bench"].flags

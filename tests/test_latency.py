@@ -71,8 +71,10 @@ def run_dir(tmp_path_factory, synthetic):
     save_model(student, run / "student.safetensors")
     save_model(build_model("mit_b1", num_classes=19).eval(), run / "teacher.safetensors")
     int8 = pytest.importorskip("modelopt.onnx.quantization", reason="INT8 needs nvidia-modelopt") is not None
+    # a random student: its Q/DQ graph is held to a looser agreement with the fake-quantized model (near-ties)
     export_student(student, run, ExportConfig(input="float", output="logits", size=SIZE, fp16=False, int8=int8,
-                                              parity_frames=2, calibration_frames=4), val, train)
+                                              parity_frames=2, calibration_frames=4, int8_min_agreement=0.9), val,
+                   train)
     return run, root
 
 

@@ -204,8 +204,8 @@ def test_build_engine_refuses_foreign_and_fp32_graphs_before_tensorrt(tmp_path):
     assert "\n" not in str(e.value)
     fp32 = save(graph("fp32"), tmp_path / "student.onnx")
     with pytest.raises(InputError, match=r"student\.onnx: an FP32 graph makes no engine kind \(plan-fp16, "
-                                         r"plan-int8\); build from the FP16 or INT8 ONNX \(student\.fp16\.onnx, "
-                                         r"student\.int8\.onnx\)$"):
+                                         r"plan-int8, plan-int8-qad\); build from the FP16 or INT8 ONNX "
+                                         r"\(student\.fp16\.onnx, student\.int8\.onnx, student\.int8-qad\.onnx\)$"):
         build_engine(fp32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.onnx", "student.onnx"]
 

@@ -150,7 +150,7 @@ def source_record(onnx_path: Path, info: OnnxInfo) -> Metadata:
     """The record an exported graph carries; InputError for a graph this pipeline did not export, or one whose
     precision makes no engine kind of the artifact table (FP32: the run directory's engines are FP16 and INT8)."""
     record = artifacts.read_onnx(info.metadata, str(onnx_path))
-    if artifacts.plan_kind(info.precision) not in ARTIFACTS:
+    if artifacts.plan_kind(record.kind) is None:
         engines = artifacts.kinds("tensorrt")
         graphs = ", ".join(artifacts.run_file(ARTIFACTS[k].source) for k in engines)
         raise InputError(f"{onnx_path}: an {info.precision.upper()} graph makes no engine kind ({', '.join(engines)}); "
@@ -171,7 +171,7 @@ def engine_record(source: Metadata, info: OnnxInfo, profile: Mapping[str, tuple[
     inputs = [tensor(t, profile[t.name] if t.dynamic else None) for t in info.inputs]
     details = {"tensorrt": tensorrt, "gpu": dict(gpu), "build": build, "inputs": inputs,
                "outputs": [tensor(t) for t in info.outputs], "source_file": onnx_file}
-    return replace(source, kind=artifacts.plan_kind(info.precision), precision=info.precision, source=onnx_file,
+    return replace(source, kind=artifacts.plan_kind(source.kind) or "", precision=info.precision, source=onnx_file,
                    source_sha256=onnx_sha256, versions={**source.versions, "tensorrt": tensorrt}, measured={},
                    details=details)
 

@@ -569,6 +569,10 @@ def load_model(path: str | Path, *, strict: bool = True, num_classes: int | None
     count given by `num_classes`) and warns with the lists of what was skipped or left at its initial value.
     """
     path = Path(path)
+    from pipeline.quant import is_qad_file, load_qad
+
+    if is_qad_file(path):  # the qad stage's fake-quantized student: rebuilt from its record
+        return load_qad(path)
     state, extra = _read(path)
     state = _normalise_keys(state)
     fmt, bb = _detect(state, path)
