@@ -199,3 +199,20 @@ def test_a_qad_state_exports_as_its_own_artifact_and_mixed_precision_is_recorded
     with pytest.raises(ExportError, match="5-bit fake-quantized model: only 8 bits export"):
         export_student(student, out, replace(e, int8=False), val, train, qad=state)
     assert not list(out.glob("student*"))
+
+
+def test_a_uint8_labels_graph_quantizes_with_its_final_upsample_and_argmax_in_fp32(tmp_path, data, calibrated):
+    """The camera contract (uint8 BGR in, class ids out) through the same placement: calibrated through the graph's
+    own preprocessing, the upsample and argmax that decide the labels kept FP32."""
+    student, _ = calibrated
+    train, val = data
+    e = ExportConfig(size=SIZE, input="uint8", output="labels", fp16=False, parity_frames=4, calibration_frames=8,
+                     eval_frames=2)
+    report = export_student(student, tmp_path, e, val, train)
+    assert report["artifacts"]["int8"]["quantization"]["fake_quant_parity"]["argmax_agreement"] >= 0.995
+    graph = onnx.load(str(tmp_path / "student.int8.onnx"))
+    assert [o.name for o in graph.graph.output] == ["labels"]
+    typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(graph).graph.value_info}
+    (argmax,) = [n for n in graph.graph.node if n.op_type == "ArgMax"]
+    assert typed[argmax.input[0]] == onnx.TensorProto.FLOAT
+    assert census(graph)["dangling_pairs"] == 0
