@@ -191,6 +191,8 @@ def test_a_qad_state_exports_as_its_own_artifact_and_mixed_precision_is_recorded
     assert side.kind == "onnx-int8-qad" and side.precision == "int8" and side.measured["miou"] == qad["miou"]
     mixed = artifacts.read_sidecar(tmp_path / "student.int8.onnx").details["quantization"]["mixed_precision"]
     assert mixed["max_drop"] == 100.0 and mixed["float_groups"] == [] and mixed["trajectory"][0]["float"] == 0
+    onnx_drop = report["artifacts"]["int8"]["quantization"]["mixed_precision"]["onnx_drop"]
+    assert onnx_drop == pytest.approx(100 * (report["artifacts"]["fp32"]["miou"] - report["artifacts"]["int8"]["miou"]))
     # a stress state of fewer bits runs in PyTorch only: refused in one line, nothing published
     stress = quant.quantize(student, bits=5)
     quant.calibrate(stress, [torch.randn(1, 3, *SIZE)], "max")
