@@ -65,8 +65,11 @@ class Run:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir), TAG: tag}
         self.out = (tmpdir.parent / f"out-{uuid.uuid4().hex[:8]}.txt").open("w")
         self.log, self.tag = log, tag
+        # SIGINT as a terminal delivers it: a shell starts background jobs with SIGINT ignored, which a child inherits
+        # (and Python then installs no KeyboardInterrupt handler), so pytest run in the background would not test it
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "--run-dir", str(run_dir)],
-                                     cwd=tmpdir.parent, env=env, stdout=self.out, stderr=subprocess.STDOUT)
+                                     cwd=tmpdir.parent, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def logged(self) -> str:
         """What this run wrote to run.log so far."""
