@@ -28,7 +28,8 @@ INPUT_NAME = "image"
 INPUTS = {"float": "N x 3 x H x W float32 RGB, normalised outside ((x - mean) / std, 0..255 scale)",
           "uint8": "N x H x W x 3 uint8 BGR, as cameras and OpenCV deliver it; normalised inside"}
 OUTPUTS = {"logits": "N x classes x H/4 x W/4 float32 logits",
-           "labels": "N x H x W int32 class ids (bilinear upsample to the input size and argmax inside)"}
+           "labels": "N x H x W int32 class ids (bilinear upsample to the input size, or to contract.output_size, and "
+                     "argmax inside)"}
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -117,6 +118,7 @@ class Contract:
     batch: int | None  # the fixed batch; None: any
     dynamic: bool  # true: any H, W (and batch) within the network's limits
     input_name: str = INPUT_NAME
+    output_size: list[int] | None = None  # labels: [H, W] of the labels when not the input's (export.labels_size)
 
     @property
     def fixed_size(self) -> tuple[int, int] | None:
@@ -172,6 +174,9 @@ class Metadata:
         checks = [("contract.input", c.input in INPUTS, f"one of {', '.join(INPUTS)}"),
                   ("contract.output", c.output in OUTPUTS, f"one of {', '.join(OUTPUTS)}"),
                   ("contract.size", c.size is None or (len(c.size) == 2 and min(c.size) > 0), "[H, W] or null"),
+                  ("contract.output_size", c.output_size is None or (c.output == "labels" and len(c.output_size) == 2
+                                                                     and min(c.output_size) > 0),
+                   "[H, W] of a labels output, or null"),
                   ("precision", meta.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
                   ("classes", len(meta.classes) == meta.num_classes, f"{meta.num_classes} names (num_classes)"),
                   ("palette", len(meta.palette) == meta.num_classes and all(len(p) == 3 for p in meta.palette),

@@ -109,6 +109,9 @@ class ExportConfig:
     input: str = "float"  # float: NCHW RGB float32, normalised outside | uint8: NHWC BGR uint8, normalised inside
     output: str = "logits"  # logits (1/4 resolution) | labels (upsample + argmax inside, int32)
     size: tuple[int, int] = (0, 0)  # HxW of the graph; 0x0: data.size
+    # labels graph: HxW of its labels, the camera's (the upsample and argmax then run on the device, not on the host
+    # at camera size); 0x0: the input's
+    labels_size: tuple[int, int] = (0, 0)
     batch: int = 1
     dynamic: bool = False  # dynamic batch, height and width
     opset: int = 17
@@ -133,6 +136,7 @@ class ExportConfig:
     engines: str = "auto"  # TensorRT plans: auto (when TensorRT and a GPU exist) | off
     workspace_gib: float = 4.0
     opt_level: int = 3  # TensorRT builder optimization level 0..5
+    triton: bool = False  # also write the Triton model repository and DeepStream configs (triton.* keys; export-triton)
 
 
 @dataclass
@@ -149,6 +153,16 @@ class BenchConfig:
 
 
 @dataclass
+class TritonConfig:
+    """The Triton model repository (export-triton, or export.triton=true): one model per ONNX file and plan."""
+
+    max_batch_size: int = 8  # frames one request may batch (a static-batch artifact: its own batch, no batching)
+    instances: int = 1  # model instances per GPU (or on the CPU)
+    instance_kind: str = "gpu"  # gpu | cpu (ONNX only: a plan runs on the GPU it was built for)
+    max_queue_delay_us: int = 100  # dynamic batching: how long a request may wait for others to join it
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(variant="mit_b2"))
@@ -158,6 +172,7 @@ class Config:
     qad: QadConfig = field(default_factory=QadConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -188,6 +203,7 @@ CHOICES = {
     "export.int8_backend": ("torch", "modelopt", "ort"),  # quant.py's placement, or precision.to_int8's backends
     "export.engines": ("auto", "off"),
     "bench.cuda": ("auto", "off"),
+    "triton.instance_kind": ("gpu", "cpu"),
 }
 
 
@@ -290,7 +306,8 @@ def apply(cfg: Config, overrides: dict[str, object], source: str = "") -> Config
     """Set dotted keys on `cfg` (values already parsed from YAML or the command line)."""
     known = keys(cfg)
     hints = {t.__name__: typing.get_type_hints(t) for t in (DataConfig, ModelConfig, TrainConfig, DistillConfig,
-                                                              QadConfig, ExportConfig, BenchConfig, Config)}
+                                                              QadConfig, ExportConfig, BenchConfig, TritonConfig,
+                                                              Config)}
     where = f" (in {source})" if source else ""
     for key, value in overrides.items():
         section, _, term = key.partition(".weights.")
@@ -322,6 +339,8 @@ def validate(cfg: Config) -> None:
     _check_qad(cfg.qad)
     _check_export(cfg.export)
     _check_bench(cfg.bench)
+    _at_least(1, {"triton.max_batch_size": cfg.triton.max_batch_size, "triton.instances": cfg.triton.instances})
+    _at_least(0, {"triton.max_queue_delay_us": cfg.triton.max_queue_delay_us})
 
 
 def _check_train(cfg: Config) -> None:
@@ -375,6 +394,9 @@ def _check_qad(q: QadConfig) -> None:
 def _check_export(e: ExportConfig) -> None:
     if e.size != (0, 0) and min(e.size) < 32:
         raise ConfigError(f"export.size={e.size}: height and width must be >= 32 (or 0x0 for data.size)")
+    if e.labels_size != (0, 0) and (e.output != "labels" or min(e.labels_size) < 32):
+        raise ConfigError(f"export.labels_size={e.labels_size}: needs export.output=labels and a height and width "
+                          ">= 32 (or 0x0 for the input's size)")
     if e.opset < 17:  # a decomposed LayerNormalization (opset < 17) overflows in FP16
         raise ConfigError(f"export.opset={e.opset}: expected >= 17 (native LayerNormalization)")
     if e.batch < 1 or not 0 <= e.opt_level <= 5 or e.calibration_frames < 1:
@@ -495,5 +517,6 @@ def dump(cfg: Config) -> str:
 
 
 __all__ = ["CHOICES", "REGISTRIES", "BenchConfig", "Config", "DataConfig", "DistillConfig", "ExportConfig",
-           "ModelConfig", "QadConfig", "TrainConfig", "apply", "bench_size", "check_choice", "choices", "dump",
-           "export_size", "keys", "load", "method_options", "parse_overrides", "parse_size", "qad_options", "validate"]
+           "ModelConfig", "QadConfig", "TrainConfig", "TritonConfig", "apply", "bench_size", "check_choice", "choices",
+           "dump", "export_size", "keys", "load", "method_options", "parse_overrides", "parse_size", "qad_options",
+           "validate"]

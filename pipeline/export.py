@@ -31,7 +31,8 @@ from pipeline.models.segformer import SegFormer, deploy_copy
 
 log = logging.getLogger("pipeline")
 
-GRAPH_FIELDS = ("input", "output", "size", "batch", "dynamic", "opset")  # the export.* keys that shape the graph
+# the export.* keys that shape the graph
+GRAPH_FIELDS = ("input", "output", "size", "labels_size", "batch", "dynamic", "opset")
 # export name -> artifact kind, in the order they are made
 KINDS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8", "int8-qad": "onnx-int8-qad"}
 STAGING = ".staging"  # in the output directory: `export-*` folders, one per export while it runs
@@ -50,6 +51,7 @@ class DeployModel(nn.Module):
         # trained (fold=False), so parity also checks the reparameterisation
         self.model = deploy_copy(model) if fold else model.eval()
         self.input, self.output, self.with_logits = e.input, e.output, with_logits
+        self.labels_size = tuple(e.labels_size) if tuple(e.labels_size) != (0, 0) else None
         mean, std = torch.tensor(model.meta.mean), torch.tensor(model.meta.std)
         # (x - mean) / std as one multiply-add on the RGB channels
         self.register_buffer("scale", (1.0 / std).view(1, 3, 1, 1), persistent=False)
@@ -64,7 +66,8 @@ class DeployModel(nn.Module):
         logits = self.model(x)
         if self.output == "logits":
             return logits
-        labels = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+        size = self.labels_size or x.shape[-2:]
+        labels = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
         return (labels.to(torch.int32), logits) if self.with_logits else labels.to(torch.int32)
 
 
@@ -81,7 +84,8 @@ def onnx_metadata(model: SegFormer, e: ExportConfig, source: Path | None = None)
 
     base = checkpoint_metadata(model, str(source or ""))
     return replace(base, kind="onnx", normalization=replace(base.normalization, inside_graph=e.input == "uint8"),
-                   contract=Contract(e.input, e.output, list(e.size), None if e.dynamic else e.batch, e.dynamic),
+                   contract=Contract(e.input, e.output, list(e.size), None if e.dynamic else e.batch, e.dynamic,
+                                     output_size=list(e.labels_size) if tuple(e.labels_size) != (0, 0) else None),
                    precision="fp32", source_sha256=sha256_file(source) if source and Path(source).is_file() else "",
                    versions={"torch": torch.__version__, "onnx": onnx.__version__,
                              "onnxruntime": onnxruntime.__version__},
@@ -106,7 +110,7 @@ def export_onnx(model: SegFormer, path: Path, e: ExportConfig, meta: Metadata) -
     dynamic = None
     if e.dynamic:
         dynamic = {INPUT_NAME: axes, **{n: {0: "batch", 2: "height/4", 3: "width/4"} for n in names},
-                   "labels": {0: "batch", 1: "height", 2: "width"}}
+                   "labels": {0: "batch"} if tuple(e.labels_size) != (0, 0) else {0: "batch", 1: "height", 2: "width"}}
         dynamic = {k: v for k, v in dynamic.items() if k == INPUT_NAME or k in names}
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"

@@ -41,6 +41,12 @@ def check(cfg: Config, stages: list[str], args: argparse.Namespace, run_dir: Pat
             check_student(cfg, run_dir, stage, args, made_here="distill" in earlier)
         elif stage == "segment-bag":
             check_segment_bag(run_dir, args, exported_here="export" in earlier)
+        elif stage == "segment":
+            check_segment(run_dir, args, exported_here="export" in earlier)
+        elif stage == "export-triton":
+            check_triton(cfg, run_dir, exported_here="export" in earlier)
+    if "export" in stages and cfg.export.triton:
+        check_triton(cfg, run_dir, exported_here=True)
     if "eval" in stages and getattr(args, "write_cityscapes", None):
         writable_folder(Path(args.write_cityscapes), "--write-cityscapes")
     check_run_dir(run_dir, cfg, training=any(STAGES[s].trains for s in stages), qad="qad" in stages)
@@ -287,21 +293,57 @@ def check_student(cfg: Config, run_dir: Path, stage: str, args: argparse.Namespa
     check_classes("--checkpoint" if given else "the run's student", path, found.num_classes, cfg)
 
 
-# ------------------------------------------------------------------------------------------------ bags
+# ------------------------------------------------------------------------------------------------ bags, images
+def check_artifact(run_dir: Path, args: argparse.Namespace, exported_here: bool) -> None:
+    """--artifact, or the run's student.onnx where no earlier stage of this call exports it, exists."""
+    if args.artifact or not exported_here:
+        artifact = Path(args.artifact or run_dir / run_file("onnx"))
+        if not artifact.exists():
+            raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
+
+
 def check_segment_bag(run_dir: Path, args: argparse.Namespace, exported_here: bool) -> None:
     """The bag and the artifact exist; the output bag and the video can be written where they are asked for."""
-    from pipeline.bag import check_outputs, default_out
+    from pipeline.bag import check_outputs, check_topics, default_out
 
     if not getattr(args, "bag", None) or not getattr(args, "topic", None):
         raise InputError("segment-bag: give --bag IN and --topic /camera/... (and --artifact, --out)")
     bag = Path(args.bag)
     if not bag.exists():
         raise InputError(f"{bag}: no such bag (--bag: a ROS 1 .bag file or a ROS 2 bag directory)")
-    if args.artifact or not exported_here:
-        artifact = Path(args.artifact or run_dir / run_file("onnx"))
-        if not artifact.exists():
-            raise InputError(f"{artifact}: no such artifact (--artifact: an engine, ONNX or checkpoint)")
+    check_topics(args.topic, args.batch)
+    check_artifact(run_dir, args, exported_here)
     check_outputs(Path(args.out) if args.out else default_out(bag, run_dir), Path(args.video) if args.video else None)
+
+
+def check_triton(cfg: Config, run_dir: Path, exported_here: bool) -> None:
+    """The triton.* settings, tritonclient's schema, and, unless this call exports them first, the run's artifacts
+    and where the repository goes (<run dir>/deploy, replaced when an earlier export or export-triton wrote it)."""
+    from pipeline import triton
+    from pipeline.stages import DEPLOY
+
+    t = cfg.triton
+    settings = triton.Settings(t.max_batch_size, t.instances, t.instance_kind, t.max_queue_delay_us)
+    if exported_here:
+        settings.check()
+        triton.schema()
+    else:
+        triton.check_repository_args(run_dir, run_dir / DEPLOY, settings=settings, replace=True)
+
+
+def check_segment(run_dir: Path, args: argparse.Namespace, exported_here: bool) -> None:
+    """The images or video and the artifact exist; the output folder and the video can be written; every image
+    decodes (or --skip-bad)."""
+    from pipeline import segment
+
+    if not getattr(args, "source", None):
+        raise InputError("segment: give --source (an image, a folder, a glob or a video) and --artifact, --out")
+    segment.check_settings(1 if args.batch is None else args.batch, args.fps)
+    sources = segment.find_sources(args.source)
+    check_artifact(run_dir, args, exported_here)
+    segment.check_outputs(Path(args.out) if args.out else segment.default_out(sources, run_dir),
+                          Path(args.video) if args.video else None)
+    segment.check_sources(sources, args.skip_bad)
 
 
 __all__ = ["backbone_config", "check", "check_classes", "check_variant", "checkpoint_config", "model_config",

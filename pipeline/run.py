@@ -117,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
         if s not in STAGES:
             close = difflib.get_close_matches(s, STAGES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
+            if Path(s).exists():  # `--source drive/*.jpg` unquoted: the shell expanded the glob into more items
+                hint = " (an existing file: quote a --source glob so that the shell does not expand it)"
             raise ConfigError(f"unknown stage {s!r}; expected one of {', '.join(STAGES)}{hint}")
     _stage_flags(args, stages)
     cfg = config_mod.load(args.config, overrides)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import ARTIFACTS, INPUT_NAME, kinds, run_file
-from pipeline.bag import MASK_TOPIC, OVERLAY_TOPIC, default_out
+from pipeline.bag import CAMERA_MASK, CAMERA_OVERLAY, MASK_TOPIC, OVERLAY_TOPIC, default_out
 from pipeline.config import Config, ModelConfig, export_size, method_options
 from pipeline.errors import ConfigError, ExportError, InputError
 from pipeline.io import atomic_path, write_json
@@ -29,6 +29,7 @@ Row = tuple[str, str]  # (file or name, what it is): one line of the outputs lis
 STUDENT = run_file("checkpoint")
 TEACHER = run_file("checkpoint", "teacher")
 QAD_STUDENT = run_file("checkpoint-qad")
+DEPLOY = "deploy"  # in the run directory: the Triton repository (deploy/triton) and DeepStream configs
 ENGINE_KINDS = tuple(kinds("tensorrt"))  # each built from the ONNX of its row's `source`
 
 
@@ -303,6 +304,8 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
             report["engines"] = {"skipped": reason}
         else:
             report["engines"] = _build_engines(cfg, run_dir)
+    if cfg.export.triton:
+        report["triton"] = _triton_repository(cfg, run_dir)
     write_json(run_dir / "export.json", report)
     table = report_table(report)
     with atomic_path(run_dir / "export.md") as tmp:
@@ -313,7 +316,33 @@ def run_export(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
     print(table)
     return {"artifacts": {k: v["file"] for k, v in report["artifacts"].items()},
             "miou": {"pytorch": report["pytorch"]["miou"], **{k: v["miou"] for k, v in report["artifacts"].items()}},
-            "engines": report.get("engines")}
+            "engines": report.get("engines"), **({"triton": report["triton"]} if cfg.export.triton else {})}
+
+
+def _triton_repository(cfg: Config, run_dir: Path) -> dict:
+    """<run dir>/deploy: the Triton repository and DeepStream configs of the run's artifacts (pipeline/triton.py),
+    replacing the one an earlier export or export-triton wrote."""
+    from pipeline.triton import write_repository
+
+    t = cfg.triton
+    summary = write_repository(run_dir, run_dir / DEPLOY, max_batch_size=t.max_batch_size, instances=t.instances,
+                               instance_kind=t.instance_kind, max_queue_delay_us=t.max_queue_delay_us, replace=True)
+    log.info("export-triton: %d models -> %s (tritonserver --model-repository=%s)", len(summary["models"]),
+             run_dir / DEPLOY, run_dir / DEPLOY / summary["triton"])
+    return {"out": str(run_dir / DEPLOY), "models": sorted(summary["models"])}
+
+
+def run_export_triton(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """The Triton model repository and DeepStream configs of the run's exported artifacts."""
+    return _triton_repository(cfg, run_dir) if env.main else {}
+
+
+def _triton_rows(result: dict) -> list[Row]:
+    if not result:
+        return []
+    return [(f"{DEPLOY}/triton/", f"Triton model repository, {len(result['models'])} models: "
+                                  f"{', '.join(result['models'])}"),
+            (f"{DEPLOY}/deepstream/", "DeepStream nvinfer configs (float-input graphs and plans)")]
 
 
 def _qad_state(run_dir: Path, student: Path) -> Path | None:
@@ -347,7 +376,7 @@ def _export_rows(result: dict) -> list[Row]:
         return []
     rows = [(file, f"{kind} ONNX (+ {file}.json), mIoU {100 * result['miou'][kind]:.2f} %")
             for kind, file in result["artifacts"].items()]
-    rows += _engine_rows(result)
+    rows += _engine_rows(result) + _triton_rows(result.get("triton") or {})
     return rows + [("export.md", "parity and mIoU of every artifact (export.json: all details)")]
 
 
@@ -427,10 +456,40 @@ def run_segment_bag(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict
     seg = Segmenter.open(artifact, default_size=tuple(cfg.data.size))
     summary = segment_bag(bag, args.topic, seg, out, Path(args.video) if args.video else None,
                           overlay=not args.no_overlay, mask_topic=args.mask_topic, overlay_topic=args.overlay_topic,
-                          fps=args.fps, progress=env.main)
-    log.info("segment-bag: %d frames segmented, %d refused, %d messages copied, %.1f frames/s -> %s",
-             summary["frames"], summary["refused"], summary["copied"], summary["frames_per_second"], summary["out"])
+                          fps=args.fps, progress=env.main, batch=args.batch)
+    log.info("segment-bag: %d frames segmented, %d refused, %d messages copied, %d batches (mean %.2f frames), "
+             "%.1f frames/s -> %s", summary["frames"], summary["refused"], summary["copied"], summary["batches"],
+             summary["mean_batch"], summary["frames_per_second"], summary["out"])
+    for topic, t in summary["topics"].items():
+        log.info("  %s: %d frames, %d refused -> %s", topic, t["frames"], t["refused"], t["mask_topic"])
     return summary
+
+
+def run_segment(cfg: Config, run_dir: Path, env: DistEnv, args=None) -> dict:
+    """Segment images or a video (pipeline/segment.py) with any artifact the Segmenter opens."""
+    if not env.main:
+        return {}
+    from pipeline import segment
+    from pipeline.infer import Segmenter
+
+    sources = segment.find_sources(args.source)  # --source, --out, --video, --batch, --fps: preflight.check_segment
+    artifact = Path(args.artifact or run_dir / run_file("onnx"))
+    out = Path(args.out) if args.out else segment.default_out(sources, run_dir)
+    seg = Segmenter.open(artifact, default_size=tuple(cfg.data.size))
+    summary = segment.segment(sources, seg, out, video=Path(args.video) if args.video else None,
+                              overlay=not args.no_overlay, skip_bad=args.skip_bad,
+                              batch=1 if args.batch is None else args.batch, fps=args.fps, progress=env.main)
+    log.info("segment: %d frames segmented, %d refused, %.1f frames/s -> %s", summary["frames"], summary["refused"],
+             summary["frames_per_second"], summary["out"])
+    return summary
+
+
+def _segment_rows(result: dict) -> list[Row]:
+    if not result:
+        return []
+    rows = [(result["out"], f"{result['frames']} class-id PNGs (+ overlay/, summary.json), {result['refused']} "
+                            f"refused, {result['frames_per_second']:.1f} frames/s")]
+    return rows + ([(result["video"], "overlay video")] if result.get("video") else [])
 
 
 def _bag_rows(result: dict) -> list[Row]:
@@ -438,7 +497,7 @@ def _bag_rows(result: dict) -> list[Row]:
         return []
     rows = [(result["out"], f"{result['frames']} frames segmented ({result['refused']} refused), "
                             f"{result['frames_per_second']:.1f} frames/s")]
-    return rows + ([(result["video"], "overlay video")] if result.get("video") else [])
+    return rows + [(v, "overlay video") for v in result.get("videos", [])]
 
 
 def _skipped(run_dir: Path) -> int:
@@ -478,16 +537,33 @@ CHECKPOINT = Flag("--checkpoint", f"the checkpoint to use (anything load_model l
 EVAL_FLAGS = (Flag("--write-cityscapes", "also write Cityscapes-format predictions", options={"metavar": "DIR"}),
               Flag("--quarter-res", "score at 1/4 resolution like the TransKD reference (comparison only)", False,
                    {"action": "store_true"}))
+BATCH = Flag("--batch", "frames per network call (segment: default 1; segment-bag: at most one per camera, default "
+             "the number of --topic)", None, {"type": int})
 BAG_FLAGS = (
     Flag("--bag", "the input, a ROS 1 .bag file or a ROS 2 bag directory (sqlite3 or MCAP)"),
-    Flag("--topic", "the camera topic (sensor_msgs/Image or CompressedImage)"),
+    Flag("--topic", "a camera topic (sensor_msgs/Image or CompressedImage); repeat it for several cameras, segmented "
+         "in batches", options={"action": "append", "metavar": "TOPIC"}),
     Flag("--artifact", f"engine, ONNX or checkpoint (default: the run's {run_file('onnx')})"),
-    Flag("--out", "the output bag (default: <run dir>/<input name>.segmented[.bag])"),
-    Flag("--video", "also write the overlays as an mp4 video", options={"metavar": "MP4"}),
-    Flag("--fps", "video frame rate (default: the topic's)", 0.0, {"type": float}),
-    Flag("--no-overlay", "write the mask topic only", False, {"action": "store_true"}),
-    Flag("--mask-topic", f"topic of the mono8 class ids (default: {MASK_TOPIC})", MASK_TOPIC),
-    Flag("--overlay-topic", f"topic of the rgb8 overlay (default: {OVERLAY_TOPIC})", OVERLAY_TOPIC),
+    Flag("--out", "segment-bag: the output bag (default <run dir>/<input name>.segmented[.bag]); segment: a new or "
+         "empty folder (default <run dir>/<source name>.segmented)"),
+    Flag("--video", "also write the overlays as an mp4 video (segment-bag with several --topic: one per camera, "
+         "<stem>_<topic>.mp4)", options={"metavar": "MP4"}),
+    Flag("--fps", "video frame rate (default: the topic's or the source video's; 10 for images)", 0.0,
+         {"type": float}),
+    Flag("--no-overlay", "masks only: no overlay topic / overlay PNGs", False, {"action": "store_true"}),
+    Flag("--mask-topic", f"topic of the mono8 class ids (default: {MASK_TOPIC} for one --topic, <camera namespace>/"
+         f"{CAMERA_MASK} for several); a relative name goes in each camera's namespace"),
+    Flag("--overlay-topic", f"topic of the rgb8 overlay (default: {OVERLAY_TOPIC} for one --topic, <camera "
+         f"namespace>/{CAMERA_OVERLAY} for several); a relative name goes in each camera's namespace"),
+    BATCH,
+)
+SEGMENT_FLAGS = (
+    Flag("--source", "segment: an image, a folder of images, a quoted glob (\"drive/*.jpg\") or a video (mp4, avi, "
+         "mov, mkv)"),
+    *(f for f in BAG_FLAGS if f.name in ("--artifact", "--out", "--video", "--fps", "--no-overlay")),
+    Flag("--skip-bad", "segment: skip unreadable images and video frames (named in the summary) instead of stopping",
+         False, {"action": "store_true"}),
+    BATCH,
 )
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("teacher", run_teacher, "train the teacher on the dataset (from scratch, teacher.pretrained or "
@@ -507,9 +583,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "missing)", rows=_engine_rows),
     Stage("bench", run_bench, "params, GMACs, latency and mIoU of every artifact in the run: report.md, report.json, "
           "report.png", rows=_bench_rows, reads_data=True),
-    Stage("segment-bag", run_segment_bag, "segment --topic of a ROS 1 / ROS 2 bag (--bag) with --artifact into a new "
-          "bag (--out) holding the original messages plus mask and overlay topics; --video adds an mp4 of the "
-          "overlays", BAG_FLAGS, _bag_rows),
+    Stage("export-triton", run_export_triton, f"a Triton model repository ({DEPLOY}/triton: config.pbtxt validated "
+          f"with Triton's schema, labels, records) and DeepStream nvinfer configs ({DEPLOY}/deepstream) for the run's "
+          "ONNX files and plans (triton.* keys)", rows=_triton_rows),
+    Stage("segment-bag", run_segment_bag, "segment --topic (one or more cameras, batched) of a ROS 1 / ROS 2 bag "
+          "(--bag) with --artifact into a new bag (--out) holding the original messages plus mask and overlay "
+          "topics; --video adds an mp4 of the overlays", BAG_FLAGS, _bag_rows),
+    Stage("segment", run_segment, "segment images or a video (--source) with --artifact into class-id PNGs and "
+          "overlays (--out); --video adds an mp4 of the overlays", SEGMENT_FLAGS, _segment_rows),
 )}
 
 

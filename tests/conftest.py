@@ -65,6 +65,17 @@ def spread_student(seed: int = 0, num_classes: int = 19, variant: str = "mit_b0"
     return model
 
 
+def export_tiny(folder: Path, val, train, size: tuple[int, int] = (64, 128), model=None, **export) -> Path:
+    """A student (default: spread_student()) exported the quick way into `folder`, FP32 ONNX only, parity and
+    accuracy on 2 frames; `export` sets more ExportConfig fields. Returns its student.onnx."""
+    from pipeline.config import ExportConfig
+    from pipeline.export import export_student
+
+    e = ExportConfig(size=size, fp16=False, int8=False, parity_frames=2, eval_frames=2, **export)
+    export_student(spread_student() if model is None else model, folder, e, val, train)
+    return Path(folder) / "student.onnx"
+
+
 @pytest.fixture(scope="module")
 def student():
     return spread_student()

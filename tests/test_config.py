@@ -144,8 +144,10 @@ def test_help_lists_stages_their_flags_and_every_key_with_its_default():
 def test_flags_belong_to_their_stages():
     flags = {name: owners for name, (_, owners) in stage_flags().items()}
     assert flags["--checkpoint"] == ["qad", "eval", "export"] and flags["--quarter-res"] == ["eval"]
-    assert all(flags[f] == ["segment-bag"] for f in ("--bag", "--topic", "--artifact", "--out", "--video", "--fps",
-                                                      "--no-overlay", "--mask-topic", "--overlay-topic"))
+    assert all(flags[f] == ["segment-bag"] for f in ("--bag", "--topic", "--mask-topic", "--overlay-topic"))
+    assert all(flags[f] == ["segment-bag", "segment"] for f in ("--artifact", "--out", "--video", "--fps",
+                                                                 "--no-overlay", "--batch"))
+    assert flags["--source"] == flags["--skip-bad"] == ["segment"]
     assert not STAGES["distill"].flags and not STAGES["bench"].flags
 
 

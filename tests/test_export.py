@@ -3,6 +3,7 @@
 import fcntl
 import json
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -99,6 +100,31 @@ def test_uint8_labels_graph_normalises_inside_and_returns_class_ids(tmp_path, da
         expected = predict(student, torch.from_numpy(x), SIZE).numpy()
     assert (labels == expected).mean() >= 0.999
     assert len(np.unique(labels)) >= 3
+
+
+def test_labels_at_the_camera_size_come_from_the_graph(tmp_path, data, student):
+    """export.labels_size: the upsample and argmax to the camera's size run in the graph (on the GPU under TensorRT),
+    and give the ids the host path computes from the logits graph at that size."""
+    train, val = data
+    camera = (96, 200)
+    export_student(student, tmp_path / "labels", plain(input="uint8", output="labels", labels_size=camera), val, train)
+    export_student(student, tmp_path / "logits", plain(input="uint8"), val, train)
+    record = artifacts.read_sidecar(tmp_path / "labels" / "student.onnx", verify=True)
+    assert record.contract.output_size == list(camera) and record.contract.size == list(SIZE)
+    sess = ort_session(tmp_path / "labels" / "student.onnx")
+    assert sess.get_outputs()[0].shape == [1, *camera]
+    from pipeline.infer import Segmenter
+
+    rgb, _ = val.read(1)
+    frame = np.ascontiguousarray(cv2.resize(rgb, camera[::-1])[:, :, ::-1])
+    in_graph = Segmenter.open(tmp_path / "labels" / "student.onnx").predict(frame)
+    on_host = Segmenter.open(tmp_path / "logits" / "student.onnx").predict(frame)
+    assert in_graph.shape == on_host.shape == camera
+    assert (in_graph == on_host).mean() >= 0.999
+    with pytest.raises(ConfigError, match="export.labels_size"):
+        from pipeline.config import load
+
+        load(None, ["export.labels_size=96x200"])  # a logits graph has no labels to size
 
 
 def test_dynamic_graph_takes_other_batches_and_sizes(tmp_path, data, student):

@@ -225,3 +225,41 @@ def test_torch_dtype_auto_is_the_amp_choice_and_devices_are_parsed(art):
     assert [cuda_index(d) for d in ("cuda:1", "cuda", "cpu", "auto")] == [1, 0, 0, 0]
     with pytest.raises(InputError, match="cuda:N"):
         cuda_index("cuda:x")
+
+
+def test_host_upsample_and_argmax_is_the_evaluators():
+    """The CPU path's class-by-class running maximum gives F.interpolate(bilinear, align_corners=False).argmax, the
+    ids the evaluator scores, at a camera size that is no multiple of the logits'."""
+    import torch.nn.functional as F
+
+    from pipeline.infer import upsampled_argmax
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((19, 24, 40)).astype(np.float32) * 4
+    for size in ((96, 160), (135, 241), (24, 40)):
+        ref = F.interpolate(torch.from_numpy(logits)[None], size=size, mode="bilinear", align_corners=False)
+        ref = ref.argmax(1)[0].numpy()
+        ours = upsampled_argmax(logits, size)
+        assert ours.dtype == np.uint8 and ours.shape == size
+        assert (ours == ref).mean() >= 0.9995  # float rounding of the two resizes may flip an exact near-tie
+
+
+def test_postprocess_benchmark_compares_both_host_paths(tmp_path):
+    from benchmarks.postprocess import main
+
+    out = tmp_path / "pp.json"
+    assert main(["--camera", "90x160", "--logits", "32x40", "--rounds", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["camera"] == "90x160" and set(row["ms"]) == {"all planes", "running max"}
+    assert row["agreement"] >= 0.999 and row["speedup"] > 0
+
+
+def test_a_missing_runtime_package_is_one_line_naming_what_to_install(art, monkeypatch):
+    """A deployment environment holds only its backend's packages: what is missing is named with its pip package."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ModuleNotFoundError
+    with pytest.raises(InputError, match=r"running an ONNX file needs the Python module 'onnxruntime' \(pip install "
+                                         r"onnxruntime\)") as e:
+        Segmenter.open(art["float"])
+    assert "\n" not in str(e.value)

@@ -179,7 +179,8 @@ def test_segment_bag_video_in_a_missing_folder_fails_before_any_frame(tmp_path, 
      "--checkpoint belongs to qad, eval and export, which are not among the stages asked (teacher, distill)"),
     (["distill", "--bag", "x.bag", "--checkpoint", "y.safetensors"],
      "--checkpoint belongs to qad, eval and export, which are not among the stages asked (distill)"),
-    (["export", "--fps", "5"], "--fps belongs to segment-bag, which is not among the stages asked (export)"),
+    (["export", "--fps", "5"],
+     "--fps belongs to segment-bag and segment, which are not among the stages asked (export)"),
 ])
 def test_a_flag_of_a_stage_not_asked_is_refused_before_any_work(tmp_path, argv, message):
     assert refused(tmp_path, *argv) == f"error: {message}"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from pipeline.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # torch only where tensors are made: Segmenter's preprocessing (network_input) runs without it
+    import torch
 
 
 def network_input(image: np.ndarray, size: tuple[int, int] | None, mean: Sequence[float], std: Sequence[float],
@@ -43,6 +46,8 @@ def network_input(image: np.ndarray, size: tuple[int, int] | None, mean: Sequenc
 
 def label_tensor(label: np.ndarray) -> torch.Tensor:
     """uint8 H x W train ids -> int64 tensor (what cross-entropy and the confusion matrix index with)."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
 
 
@@ -99,6 +104,8 @@ class TrainTransform:
             rgb, label = cv2.flip(rgb, 1), cv2.flip(label, 1)
         if self.jitter:
             rgb = photometric(rgb, np.asarray(jitter))
+        import torch
+
         return torch.from_numpy(network_input(rgb, None, self.mean, self.std)), label_tensor(label)
 
     def __repr__(self) -> str:
@@ -144,6 +151,8 @@ class EvalTransform:
                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _check_pair(rgb, label)
         size = height_size(rgb.shape, self.size[0]) if self.size is not None else None
+        import torch
+
         return torch.from_numpy(network_input(rgb, size, self.mean, self.std)), label_tensor(label)
 
     def __repr__(self) -> str:

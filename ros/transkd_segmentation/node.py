@@ -1,20 +1,24 @@
 """ROS 2 wiring of the segmentation loop: parameters, subscriptions, publishers, diagnostics; `main` for ros2 run.
 
-The subscription callback only puts the frame in the loop's newest-frame slot; the loop's worker thread segments
-and publishes. Statistics go out every `stats_period` seconds both as a diagnostic_msgs/DiagnosticArray on
-/diagnostics and as one log line. A bad parameter or artifact ends the node the way every entry point of the
-project ends (pipeline.cli.cli_main): one `error:` line and exit 2, the traceback with `--debug`.
+The subscription callbacks only queue frames in the loop; its worker thread segments every camera's waiting frame in
+one batch and publishes. Statistics go out every `stats_period` seconds both as a diagnostic_msgs/DiagnosticArray on
+/diagnostics (one status per camera and one for the loop) and as log lines. A bad parameter or artifact ends the
+node the way every entry point of the project ends (pipeline.cli.cli_main): one `error:` line and exit 2, the
+traceback with `--debug`. The Segmenter's backend (and with it torch, onnxruntime or tensorrt) is imported only
+when the artifact is opened, so the node needs only the packages its artifact runs on.
 """
 
 from __future__ import annotations
 
 import array
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -25,9 +29,8 @@ from vision_msgs.msg import LabelInfo, VisionClass
 
 from pipeline.cli import Parser, cli_main
 from pipeline.errors import InputError
-from pipeline.infer import Segmenter
-from transkd_segmentation.params import NodeParams
-from transkd_segmentation.processing import SegmentationLoop, diagnostic_fields, label_info_fields, summary
+from transkd_segmentation.params import NodeParams, parameter_error_line
+from transkd_segmentation.processing import ERROR, WARN, CameraOutputs, SegmentationLoop, label_info_fields
 
 LEVELS = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR)  # `byte` constants in ROS 2
 
@@ -54,10 +57,22 @@ def label_info_msg(f: dict) -> LabelInfo:
                      class_map=[VisionClass(**c) for c in f["class_map"]])
 
 
-def diagnostic_msg(f: dict, header: Header) -> DiagnosticArray:
-    status = DiagnosticStatus(level=LEVELS[f["level"]], name=f["name"], message=f["message"],
-                              hardware_id=f["hardware_id"], values=[KeyValue(**v) for v in f["values"]])
-    return DiagnosticArray(header=header, status=[status])
+def diagnostic_msg(statuses: list[dict], header: Header) -> DiagnosticArray:
+    return DiagnosticArray(header=header, status=[
+        DiagnosticStatus(level=LEVELS[f["level"]], name=f["name"], message=f["message"], hardware_id=f["hardware_id"],
+                         values=[KeyValue(**v) for v in f["values"]]) for f in statuses])
+
+
+def _sender(publisher, convert: Callable[[dict], object]) -> Callable[[dict], None]:
+    return lambda f: publisher.publish(convert(f))
+
+
+def open_segmenter(p: NodeParams):
+    """Segmenter.open on the artifact, which imports its backend's packages only now (a package the backend needs
+    and this Python lacks is one line naming it: pipeline.infer.RUNTIME_PACKAGES)."""
+    from pipeline.infer import Segmenter
+
+    return Segmenter.open(p.artifact, **p.open_kwargs())
 
 
 class SegmentationNode(Node):
@@ -66,7 +81,7 @@ class SegmentationNode(Node):
         p = self.params = self._declare_params()
         if not p.artifact:
             raise InputError("parameter artifact is empty: give the TensorRT engine, ONNX file or checkpoint to run")
-        self.segmenter = Segmenter.open(p.artifact, **p.open_kwargs())
+        self.segmenter = open_segmenter(p)
 
         # outputs reliable, keep last 1: heard by reliable (rviz2's default) and best-effort subscribers alike
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
@@ -74,15 +89,14 @@ class SegmentationNode(Node):
                             reliability=ReliabilityPolicy.RELIABLE if p.qos_reliable else ReliabilityPolicy.BEST_EFFORT)
         latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        mask_pub = self.create_publisher(Image, p.mask_topic, out_qos)
-        overlay_pub = self.create_publisher(Image, p.overlay_topic, out_qos) if p.publish_overlay else None
-        info_pub = self.create_publisher(CameraInfo, p.camera_info_out_topic, out_qos) if p.camera_info_topic else None
-        self.loop = SegmentationLoop(
-            self.segmenter, lambda f: mask_pub.publish(image_msg(f)),
-            (lambda f: overlay_pub.publish(image_msg(f))) if overlay_pub else None,
-            (lambda f: info_pub.publish(camera_info_msg(f))) if info_pub else None,
-            clock=lambda: self.get_clock().now().nanoseconds, output_resolution=p.output_resolution,
-            overlay_alpha=p.overlay_alpha, window=p.stats_window, log=self.get_logger())
+        cameras = p.camera_topics()
+        outputs = {c.name: CameraOutputs(
+            _sender(self.create_publisher(Image, c.mask, out_qos), image_msg),
+            _sender(self.create_publisher(Image, c.overlay, out_qos), image_msg) if p.publish_overlay else None,
+            _sender(self.create_publisher(CameraInfo, c.camera_info_out, out_qos), camera_info_msg)
+            if c.camera_info else None) for c in cameras}
+        self.loop = SegmentationLoop(self.segmenter, outputs, clock=lambda: self.get_clock().now().nanoseconds,
+                                     log=self.get_logger(), **p.loop_kwargs())
 
         # the class map once, latched: late subscribers still receive it
         self.label_pub = self.create_publisher(LabelInfo, p.label_info_topic, latched)
@@ -92,37 +106,57 @@ class SegmentationNode(Node):
         if p.warmup:
             self.loop.warm_up()
         self.loop.start()
-        kind = CompressedImage if p.input_transport == "compressed" else Image
-        self.create_subscription(kind, p.input_topic, self.loop.submit, in_qos)
-        if p.camera_info_topic:
-            self.create_subscription(CameraInfo, p.camera_info_topic, self.loop.set_camera_info, in_qos)
+        for c in cameras:
+            kind = CompressedImage if c.transport == "compressed" else Image
+            self.create_subscription(kind, c.image, lambda m, name=c.name: self.loop.submit(m, name), in_qos)
+            if c.camera_info:
+                self.create_subscription(CameraInfo, c.camera_info,
+                                         lambda m, name=c.name: self.loop.set_camera_info(m, name), in_qos)
 
-        self._last: dict | None = None
         if p.stats_period > 0:
-            self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+            self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)  # absolute, as ROS expects
             self.create_timer(p.stats_period, self._report)
         d = self.segmenter.describe()
         self.get_logger().info(
             f"{d['artifact']} ({d['backend']} on {d['device']}, {d['precision']}, network {d['size'] or 'frame size'}"
-            f"): {kind.__name__} {p.input_topic} -> {p.mask_topic}"
-            f"{', ' + p.overlay_topic if overlay_pub else ''}{', ' + p.camera_info_out_topic if info_pub else ''} "
-            f"at {p.output_resolution} resolution; classes on {p.label_info_topic}")
+            f", batch {d['batch'] or 'any'}) at {p.output_resolution} resolution, classes on {p.label_info_topic}; "
+            + "; ".join(f"{c.name}: {c.transport} {c.image} -> {c.mask}{', ' + c.overlay if p.publish_overlay else ''}"
+                        f"{', ' + c.camera_info_out if c.camera_info else ''}" for c in cameras)
+            + (f"; synchronised within {p.sync_slop} s (waiting up to {p.sync_timeout} s)" if p.sync_slop > 0 else ""))
 
     def _declare_params(self) -> NodeParams:
         # read once at start-up, hence read-only: `ros2 param set` is refused instead of silently ignored
-        values = {f.name: self.declare_parameter(
-            f.name, f.default, ParameterDescriptor(description=f.metadata["description"], read_only=True)).value
-            for f in fields(NodeParams)}
-        return NodeParams(**values)
+        values, defaults = {}, NodeParams.defaults()
+        for f in fields(NodeParams):
+            default = defaults[f.name]
+            descriptor = ParameterDescriptor(description=f.metadata["description"], read_only=True)
+            try:
+                if isinstance(default, list):
+                    # an empty list has no type of its own (rclpy infers a byte array from [], ros2/rclpy#912), and
+                    # a parameter declared by type alone is uninitialised on Jazzy (its value raises when read,
+                    # ros2/rclpy#1460): the default is [""], a string array, whose empty names are dropped
+                    value = self.declare_parameter(f.name, [""], descriptor).value
+                    values[f.name] = [v for v in value if v]
+                else:
+                    values[f.name] = self.declare_parameter(f.name, default, descriptor).value
+            except ParameterException as e:  # a wrong type in the params file: rclpy raises while declaring
+                raise InputError(parameter_error_line(str(e), f.name)) from None
+        return NodeParams.from_values(values)
 
     def _report(self) -> None:
-        now = self.loop.stats.snapshot()
-        f = diagnostic_fields(f"{self.get_name()}: segmentation", self.segmenter.path.name, now, self._last)
-        self._last = now
-        self.diag_pub.publish(diagnostic_msg(f, Header(stamp=self.get_clock().now().to_msg())))
-        self.get_logger().info(summary(now))
+        report = self.loop.report(self.get_name(), self.segmenter.path.name)
+        self.diag_pub.publish(diagnostic_msg(report.statuses, Header(stamp=self.get_clock().now().to_msg())))
+        log = self.get_logger()
+        for level, line in report.lines:  # rclpy: one severity per call site
+            if level == ERROR:
+                log.error(line)
+            elif level == WARN:
+                log.warning(line)
+            else:
+                log.info(line)
 
     def close(self) -> None:
+        # the worker first: its batch in flight publishes before the publishers go, and nothing after
         self.loop.stop()
         self.destroy_node()
 

@@ -1,7 +1,8 @@
-"""The segmentation node without rclpy: the newest-frame slot, the worker loop, its statistics and outgoing fields.
+"""The segmentation node without rclpy: frames of one or several cameras in, one batched predict per tick, each
+camera's mask, overlay and CameraInfo out, with per-camera statistics and health.
 
 Messages are read by attribute and outputs leave as field dicts (pipeline/rosmsg.py), so the loop runs on rclpy's
-classes in the node and on rosbags' typestore classes in the tests alike.
+classes in the node and on rosbags' typestore classes in the tests alike. A single camera is the case N = 1.
 """
 
 from __future__ import annotations
@@ -9,23 +10,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
 from pipeline import rosmsg
+from pipeline.batching import CameraFrame, decode, segment_frames
 from pipeline.errors import InputError
+from transkd_segmentation.pending import PendingFrames, stamp_ns
+from transkd_segmentation.stats import (
+    ERROR,
+    OK,
+    WARN,
+    BatchStats,
+    CameraStats,
+    camera_health,
+    camera_line,
+    loop_health,
+    loop_line,
+    rate,
+    status_fields,
+)
 
 RESOLUTIONS = ("camera", "network")
-OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+SINGLE = "camera"  # the name of the one camera of a loop given bare outputs
 Publish = Callable[[dict], None]
-
-
-def stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 # ------------------------------------------------------------------------------------------------ outgoing fields
@@ -57,153 +69,83 @@ def label_info_fields(classes: list[str], header) -> dict:
             "class_map": [{"class_id": i, "class_name": n} for i, n in rosmsg.label_info_classes(classes)]}
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-class LoopStats:
-    """Counters and a window of per-frame times; written by the subscriber and the worker thread."""
+@dataclass
+class CameraOutputs:
+    """Where one camera's results go: publish callbacks taking field dicts (None: that output is off)."""
 
-    COUNTERS = ("received", "processed", "dropped", "refused", "errors")
-
-    def __init__(self, window: int = 300) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(self.COUNTERS, 0)
-        self._latency_ms: deque[float] = deque(maxlen=window)  # header stamp -> outputs published
-        self._compute_ms: deque[float] = deque(maxlen=window)  # decode + predict + outputs built
-        self._published_ns: deque[int] = deque(maxlen=window)
-
-    def count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
-
-    def published(self, stamp: int, now: int, compute_ms: float) -> None:
-        with self._lock:
-            self._counts["processed"] += 1
-            if stamp > 0:  # a driver that leaves stamps at zero has no latency to speak of
-                self._latency_ms.append((now - stamp) / 1e6)
-            self._compute_ms.append(compute_ms)
-            self._published_ns.append(now)
-
-    def snapshot(self) -> dict[str, float | int | None]:
-        """Counters, the publish rate and p50/p90/max of latency and compute over the window (None: no frames)."""
-        with self._lock:
-            out: dict[str, float | int | None] = dict(self._counts)
-            times = list(self._published_ns)
-            for name, values in (("latency", self._latency_ms), ("compute", self._compute_ms)):
-                v = np.asarray(values, np.float64)
-                p50, p90, top = (*np.percentile(v, (50, 90)).tolist(), float(v.max())) if v.size else (None,) * 3
-                out.update({f"{name}_p50_ms": p50, f"{name}_p90_ms": p90, f"{name}_max_ms": top})
-        span = (times[-1] - times[0]) / 1e9 if len(times) > 1 else 0.0
-        out["rate_hz"] = (len(times) - 1) / span if span > 0 else None
-        return out
+    mask: Publish
+    overlay: Publish | None = None
+    camera_info: Publish | None = None
 
 
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
+@dataclass
+class Report:
+    """One period's health: a DiagnosticStatus field dict per camera and one for the loop, and a (level, line) per
+    status for the log."""
 
-
-def summary(s: dict) -> str:
-    """One line for the periodic log."""
-    rate = "-" if s["rate_hz"] is None else f"{s['rate_hz']:.1f}"
-    return (f"received {s['received']}, processed {s['processed']}, dropped {s['dropped']}, refused {s['refused']}, "
-            f"errors {s['errors']} | {rate} Hz | stamp->publish p50 {_ms(s['latency_p50_ms'])} p90 "
-            f"{_ms(s['latency_p90_ms'])} max {_ms(s['latency_max_ms'])} ms | compute p50 {_ms(s['compute_p50_ms'])} "
-            f"p90 {_ms(s['compute_p90_ms'])} ms")
-
-
-def health(now: dict, before: dict | None) -> tuple[int, str]:
-    """(level, message) for the period between two snapshots: ERROR when frames failed, WARN when none arrived or
-    some were refused, else OK."""
-    before = before or dict.fromkeys(LoopStats.COUNTERS, 0)
-    new = {k: now[k] - before[k] for k in LoopStats.COUNTERS}
-    if new["errors"]:
-        return ERROR, f"{new['errors']} frames failed since the last report (see the node's log)"
-    if not new["received"]:
-        return WARN, "no frames received since the last report"
-    if new["refused"]:
-        return WARN, f"{new['refused']} frames refused since the last report (unsupported encoding, see the log)"
-    rate = "-" if now["rate_hz"] is None else f"{now['rate_hz']:.1f}"
-    return OK, f"segmenting at {rate} Hz, {new['dropped']} frames dropped since the last report"
-
-
-def diagnostic_fields(name: str, hardware_id: str, now: dict, before: dict | None) -> dict:
-    """diagnostic_msgs/DiagnosticStatus fields (level as an int; values as (key, value) string pairs)."""
-    level, message = health(now, before)
-    values = [(k, "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))) for k, v in now.items()]
-    return {"level": level, "name": name, "message": message, "hardware_id": hardware_id,
-            "values": [{"key": k, "value": v} for k, v in values]}
+    statuses: list[dict] = field(default_factory=list)
+    lines: list[tuple[int, str]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-class FrameSlot:
-    """The newest unprocessed frame: `put` replaces one still waiting (the camera outran the network), `take`
-    hands it to the worker."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-
-    def put(self, item) -> bool:
-        """Keep `item`; True when it replaced a frame that was never processed."""
-        with self._cond:
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify()
-        return replaced
-
-    def take(self, timeout: float | None = None):
-        """The waiting frame, removed; None after `timeout` seconds (None: wait) or once closed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
-            if self._closed:
-                return None
-            item, self._item = self._item, None
-            return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
 class SegmentationLoop:
-    """Frames in through `submit` (the subscriber callback: never blocks), masks, overlays and CameraInfo out through
-    the publish callbacks, from a worker thread (`start`) or one frame per `step` (tests, single-threaded use).
+    """Frames in through `submit` (the subscription callbacks: never blocks), results out through each camera's
+    publish callbacks, from a worker thread (`start`) or one batch per `step` (tests, single-threaded use).
 
-    `clock` gives "now" in nanoseconds in the clock of the header stamps (the node passes its ROS clock, so a bag
-    played with use_sim_time measures against the bag's time). Outputs carry the input's header; a frame that cannot
-    be decoded is refused and logged once per encoding; any other failure of a frame is counted and logged once per
-    kind, and the loop goes on."""
+    Per tick the worker takes the waiting frame of every camera that has one (pending.PendingFrames: with
+    `sync_slop` > 0 only frames within the slop of each other, waiting up to `sync_timeout` for the others), decodes
+    them, runs one pipeline.batching.segment_frames call and publishes each result on its camera's outputs with its
+    frame's header. A camera with nothing new is left out, never re-published. `clock` gives "now" in nanoseconds in
+    the clock of the header stamps (the node passes its ROS clock). A frame that cannot be decoded is refused and
+    logged once per encoding; any other failure is counted and logged once per kind, and the loop goes on."""
 
-    def __init__(self, segmenter, publish_mask: Publish, publish_overlay: Publish | None = None,
-                 publish_camera_info: Publish | None = None, *, clock: Callable[[], int],
+    def __init__(self, segmenter, outputs: CameraOutputs | dict[str, CameraOutputs], *, clock: Callable[[], int],
                  output_resolution: str = "camera", overlay_alpha: float = 0.5, window: int = 300,
-                 log: Any = None) -> None:
+                 sync_slop: float = 0.0, sync_timeout: float = 0.05, sync_queue: int = 5, log: Any = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if output_resolution not in RESOLUTIONS:
             raise InputError(f"output_resolution {output_resolution!r}: expected one of {', '.join(RESOLUTIONS)}")
         if output_resolution == "network" and segmenter.size is None:
             raise InputError(f"{segmenter.path.name}: output_resolution network needs a fixed network size and the "
                              "artifact has none; set network_size (HxW)")
-        self.segmenter, self.clock, self.alpha = segmenter, clock, overlay_alpha
+        self.outputs = {SINGLE: outputs} if isinstance(outputs, CameraOutputs) else dict(outputs)
+        if not self.outputs:
+            raise InputError("the segmentation loop needs at least one camera")
+        self.segmenter, self.clock, self.alpha, self.monotonic = segmenter, clock, overlay_alpha, monotonic
         self.network_size = segmenter.size if output_resolution == "network" else None
-        self.publish_mask, self.publish_overlay, self.publish_camera_info = publish_mask, publish_overlay, \
-            publish_camera_info
         self.log = log or logging.getLogger("transkd_segmentation")
-        self.slot = FrameSlot()
-        self.stats = LoopStats(window)
-        self._camera_info = None
+        self.stats = {c: CameraStats(window) for c in self.outputs}
+        self.batches = BatchStats(window)
+        self.pending = PendingFrames(list(self.outputs), lambda c: self.stats[c].count("dropped"), slop=sync_slop,
+                                     timeout=sync_timeout, queue=sync_queue, monotonic=monotonic)
+        self._camera_info: dict[str, Any] = {}
         self._logged: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
+        self._publishing = threading.Lock()
+        self._closing = False
+        self._last: tuple[float, dict, dict] = (monotonic(), {}, {})
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.outputs)
+
+    def _camera(self, camera: str | None) -> str:
+        if camera is None and len(self.outputs) == 1:
+            return next(iter(self.outputs))
+        if camera not in self.outputs:
+            raise InputError(f"camera {camera!r}: expected one of {', '.join(self.outputs)}")
+        return camera
 
     # ------------------------------------------------------------------ called from the subscriptions
-    def submit(self, msg) -> None:
-        """Keep `msg` (Image or CompressedImage) as the newest frame; an older one not yet taken is dropped."""
-        self.stats.count("received")
-        if self.slot.put(msg):
-            self.stats.count("dropped")
+    def submit(self, msg, camera: str | None = None) -> None:
+        """Keep `msg` (Image or CompressedImage) as `camera`'s newest frame (the only camera's when None)."""
+        camera = self._camera(camera)
+        self.stats[camera].count("received")
+        self.pending.put(camera, msg)
 
-    def set_camera_info(self, msg) -> None:
+    def set_camera_info(self, msg, camera: str | None = None) -> None:
         """The camera's latest CameraInfo, republished with every mask (scaled to it)."""
-        self._camera_info = msg
+        self._camera_info[self._camera(camera)] = msg
 
     # ------------------------------------------------------------------ the worker
     def start(self) -> SegmentationLoop:
@@ -212,78 +154,147 @@ class SegmentationLoop:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self.slot.close()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking frames, wait up to `timeout` seconds for the batch in flight to be published, then close the
+        outputs: a batch that outlives the wait publishes nothing (the node destroys its publishers next)."""
+        self.pending.close()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._publishing:
+            self._closing = True
+
+    def alive(self) -> bool | None:
+        """Whether the worker thread runs; None when the loop is stepped by hand."""
+        return None if self._thread is None else self._thread.is_alive()
 
     def _run(self) -> None:
-        while (msg := self.slot.take()) is not None:
-            self.process(msg)
+        while (batch := self.pending.take()) is not None:
+            try:
+                self.process(batch)
+            except Exception as e:  # whatever escapes a tick must not end the worker: count it, say it, go on
+                self.batches.count("errors")
+                try:
+                    self._error_once(("loop", type(e).__name__), f"segmentation tick failed: {type(e).__name__}: "
+                                                                 f"{e} (logged once per kind)")
+                except Exception:
+                    pass  # not even a failing logger may end the worker
 
     def step(self, timeout: float | None = 0.0) -> bool:
-        """Process the newest waiting frame; False when none came within `timeout` seconds."""
-        msg = self.slot.take(timeout)
-        if msg is None:
+        """Process the next batch; False when none was due within `timeout` seconds."""
+        batch = self.pending.take(timeout)
+        if batch is None:
             return False
-        self.process(msg)
+        self.process(batch)
         return True
 
     def warm_up(self) -> None:
-        """One blank frame through predict at the network size (or VGA where there is none): the first call
-        allocates buffers, builds ONNX Runtime's or TensorRT's state, captures CUDA graphs."""
+        """One blank batch of as many frames as cameras through predict at the network size (or VGA where there is
+        none): the first call allocates buffers, builds ONNX Runtime's or TensorRT's state, captures CUDA graphs."""
         h, w = self.segmenter.size or (480, 640)
-        self.segmenter.predict(np.zeros((h, w, 3), np.uint8))
+        self.segmenter.predict([np.zeros((h, w, 3), np.uint8)] * len(self.outputs))
 
-    def process(self, msg) -> None:
+    def process(self, batch: Sequence[tuple[str, Any]]) -> None:
+        """One tick: decode every (camera, message), one batched predict, each camera's outputs published."""
         start = time.perf_counter()
+        frames, sources = [], []
+        for camera, msg in batch:
+            f = self._decode(camera, msg)
+            if f is not None:
+                sources.append(f.bgr.shape[:2])
+                if self.network_size is not None and f.bgr.shape[:2] != self.network_size:
+                    # the same INTER_LINEAR resize Segmenter.preprocess would apply, so the network sees the same
+                    # input; the class ids then come at the network size straight from the logits (or a labels
+                    # graph's own output), rather than upsampled to the camera and sampled back down
+                    f.bgr = cv2.resize(f.bgr, self.network_size[::-1], interpolation=cv2.INTER_LINEAR)
+                frames.append(f)
+        if not frames:
+            return
+        t0 = time.perf_counter()
         try:
-            bgr = rosmsg.to_bgr(msg)
+            segment_frames(self.segmenter, frames)
+        except Exception as e:
+            for f in frames:
+                self.stats[f.camera].count("errors")
+            self._error_once(("predict", type(e).__name__), f"predict on a batch of {len(frames)} failed: "
+                                                            f"{type(e).__name__}: {e} (logged once per kind)")
+            return
+        predict_ms = (time.perf_counter() - t0) * 1e3
+        for f, src in zip(frames, sources):
+            self._publish(f, src)
+        self.batches.batch(len(frames), predict_ms, (time.perf_counter() - start) * 1e3)
+
+    def _decode(self, camera: str, msg) -> CameraFrame | None:
+        try:
+            return decode(camera, msg)
         except rosmsg.EncodingError as e:
-            self.stats.count("refused")
+            self.stats[camera].count("refused")
             key = str(getattr(msg, "encoding", None) or getattr(msg, "format", None) or type(msg).__name__)
-            self._once(("refused", key), f"refusing frames in encoding {key!r}: {e} (logged once per encoding, "
-                                         "counted as refused)")
-            return
+            self._warn_once(("refused", key), f"refusing frames in encoding {key!r}: {e} (logged once per "
+                                              "encoding, counted as refused)")
+        except Exception as e:
+            self.stats[camera].count("errors")
+            self._error_once(("decode", type(e).__name__), f"{camera}: a frame failed to decode: "
+                                                           f"{type(e).__name__}: {e} (logged once per kind)")
+        return None
+
+    def _publish(self, f: CameraFrame, src: tuple[int, int]) -> None:
+        out = self.outputs[f.camera]
         try:
-            outputs = self._outputs(msg.header, bgr)
-            compute_ms = (time.perf_counter() - start) * 1e3
-            for publish, fields_ in outputs:
-                publish(fields_)
+            sends = [(out.mask, rosmsg.mask_fields(f.ids, f.header))]
+            if out.overlay is not None:
+                sends.append((out.overlay, rosmsg.overlay_fields(self.segmenter.colorize(f.ids, f.bgr, self.alpha),
+                                                                 f.header)))
+            info = self._camera_info.get(f.camera)
+            if out.camera_info is not None and info is not None:
+                # stamped like the mask, so message_filters pairs them exactly
+                sends.append((out.camera_info, {**scale_camera_info(info, src, f.ids.shape[:2]), "header": f.header}))
+            with self._publishing:
+                if self._closing:
+                    return  # stopped while this batch ran: the publishers may be gone
+                for publish, fields_ in sends:
+                    publish(fields_)
         except Exception as e:  # one bad frame must never take the node down: count it, say it once per kind
-            self.stats.count("errors")
-            self._once(("error", type(e).__name__), f"frame at {stamp_ns(msg.header)} ns failed: "
-                                                    f"{type(e).__name__}: {e} (logged once per kind)", error=True)
+            self.stats[f.camera].count("errors")
+            self._error_once(("error", type(e).__name__), f"{f.camera}: frame at {f.stamp_ns} ns failed: "
+                                                          f"{type(e).__name__}: {e} (logged once per kind)")
             return
-        self.stats.published(stamp_ns(msg.header), self.clock(), compute_ms)
+        self.stats[f.camera].published(f.stamp_ns, self.clock())
 
-    def _outputs(self, header, bgr: np.ndarray) -> list[tuple[Publish, dict]]:
-        src = bgr.shape[:2]
-        if self.network_size is not None and src != self.network_size:
-            # the same INTER_LINEAR resize Segmenter.preprocess would apply, so the network sees the same input; the
-            # class ids then come at the network size straight from the logits (or a labels graph's own output),
-            # rather than upsampled to the camera and sampled back down
-            h, w = self.network_size
-            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-        ids = self.segmenter.predict(bgr)
-        out: list[tuple[Publish, dict]] = [(self.publish_mask, rosmsg.mask_fields(ids, header))]
-        if self.publish_overlay is not None:
-            rgb = self.segmenter.colorize(ids, bgr, alpha=self.alpha)
-            out.append((self.publish_overlay, rosmsg.overlay_fields(rgb, header)))
-        info = self._camera_info
-        if self.publish_camera_info is not None and info is not None:
-            # stamped like the mask, so message_filters pairs them exactly
-            out.append((self.publish_camera_info, {**scale_camera_info(info, src, ids.shape[:2]), "header": header}))
-        return out
-
-    def _once(self, key: tuple[str, str], message: str, error: bool = False) -> None:
+    # rclpy's logger refuses two severities from one call site (ValueError 'Logger severity cannot be changed
+    # between calls.'), so each severity is logged from a line of its own
+    def _warn_once(self, key: tuple[str, str], message: str) -> None:
         if key not in self._logged:
             self._logged.add(key)
-            (self.log.error if error else self.log.warning)(message)
+            self.log.warning(message)
 
-    def summary(self) -> str:
-        return summary(self.stats.snapshot())
+    def _error_once(self, key: tuple[str, str], message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            self.log.error(message)
+
+    # ------------------------------------------------------------------ health
+    def report(self, prefix: str, hardware_id: str) -> Report:
+        """The statuses of the period since the last report (or since the loop was made): one per camera, named
+        `prefix: camera`, and `prefix: loop`."""
+        now = self.monotonic()
+        then, cams_before, loop_before = self._last
+        seconds = max(now - then, 1e-9)
+        cams = {c: s.snapshot() for c, s in self.stats.items()}
+        received = {c: cams[c]["received"] - cams_before.get(c, {}).get("received", 0) for c in cams}
+        out = Report()
+        for c, s in cams.items():
+            values = {**s, "rate_hz": rate(s, cams_before.get(c), seconds)}  # the period's, never older frames'
+            level, message = camera_health(s, cams_before.get(c), seconds,
+                                           others_running=any(n for o, n in received.items() if o != c))
+            out.statuses.append(status_fields(f"{prefix}: {c}", hardware_id, level, message, values))
+            out.lines.append((level, f"{camera_line(c, values)} | {message}"))
+        loop = self.batches.snapshot()
+        level, message = loop_health(loop, loop_before or None, seconds, sum(received.values()), self.alive())
+        out.statuses.append(status_fields(f"{prefix}: loop", hardware_id, level, message, loop))
+        out.lines.append((level, f"{loop_line(loop)} | {message}"))
+        self._last = (now, cams, loop)
+        return out
 
 
-__all__ = ["FrameSlot", "LoopStats", "SegmentationLoop", "diagnostic_fields", "health", "label_info_fields",
-           "scale_camera_info", "stamp_ns", "summary"]
+__all__ = ["ERROR", "OK", "RESOLUTIONS", "WARN", "CameraOutputs", "Report", "SegmentationLoop", "label_info_fields",
+           "scale_camera_info", "stamp_ns"]
