@@ -145,7 +145,7 @@ def ort_session(path: str | Path, provider: str = "cpu", threads: int = 0, *, al
     settings = _tensorrt_settings(path, shapes, cache_dir) if "tensorrt" in chain else {}
     if "tensorrt" in chain:
         _load_tensorrt_libraries()
-    if chain != ["cpu"]:
+    if any(p != "cpu" for p in chain):
         _load_cuda_libraries()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

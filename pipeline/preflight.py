@@ -327,6 +327,9 @@ def check_triton(cfg: Config, run_dir: Path, exported_here: bool) -> None:
     if exported_here:
         settings.check()
         triton.schema()
+        out = run_dir / DEPLOY
+        if out.exists() and not triton.is_repository(out):  # refused now, not after the export's work
+            raise InputError(f"{out}: exists and is not a repository export-triton wrote; move it away")
     else:
         triton.check_repository_args(run_dir, run_dir / DEPLOY, settings=settings, replace=True)
 

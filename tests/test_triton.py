@@ -407,3 +407,17 @@ def test_export_triton_stage_writes_and_rewrites_the_run_deploy_folder(runs, tmp
     code, _, err = run_cli("export-triton", "--run-dir", str(empty))
     assert code == 2 and err.startswith(f"error: {empty}: no student*.onnx") and err.count("\n") == 1
     assert not empty.exists()
+
+
+def test_export_with_triton_refuses_a_deploy_folder_it_did_not_write_before_any_work(tmp_path):
+    from pipeline.config import load
+    from pipeline.preflight import check_triton
+
+    cfg = load(None, ["export.triton=true"])
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"deploy: exists and is not a repository export-triton wrote"):
+        check_triton(cfg, tmp_path, exported_here=True)
+    (tmp_path / "deploy" / "notes.txt").unlink()
+    (tmp_path / "deploy" / "repository.json").write_text("{}")
+    check_triton(cfg, tmp_path, exported_here=True)  # its own earlier repository: replaced after the export
