@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.cli import Parser, cli_main
 from pipeline.config import ExportConfig, parse_size
 from pipeline.io import write_json
+from pipeline.rosmsg import stamp_ns
 
 try:
     from transkd_segmentation.processing import CameraOutputs, SegmentationLoop
@@ -150,17 +151,13 @@ def build_setups(graphs: dict[str, Path], frame: tuple[int, int], cameras: list[
 
                 def mask(f, s=setup):
                     if s.measuring:
-                        s.latency_ms.append((time.time_ns() - _ns(f["header"])) / 1e6)
+                        s.latency_ms.append((time.time_ns() - stamp_ns(f["header"])) / 1e6)
 
                 outputs = {c: CameraOutputs(mask, lambda f: None) for c in group}
                 setup.loops.append((SegmentationLoop(seg, outputs, clock=time.time_ns, output_resolution=resolution,
                                                      window=100_000), group))
             setups.append(setup)
     return setups
-
-
-def _ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def camera_messages(frames: list[np.ndarray], frame: tuple[int, int], cameras: list[str]) -> dict[str, object]:

@@ -33,7 +33,7 @@ class CameraFrame:
 
     @property
     def stamp_ns(self) -> int:
-        return int(self.msg.header.stamp.sec) * 1_000_000_000 + int(self.msg.header.stamp.nanosec)
+        return rosmsg.stamp_ns(self.msg.header)
 
 
 def decode(camera: str, msg) -> CameraFrame:

@@ -76,6 +76,11 @@ def to_bgr(msg) -> np.ndarray:
     raise EncodingError(f"{type(msg).__name__}: not an Image or CompressedImage message")
 
 
+def stamp_ns(header) -> int:
+    """A std_msgs/Header's stamp in nanoseconds."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
 def mask_fields(ids: np.ndarray, header) -> dict:
     """Class ids (H x W uint8) as the fields of a mono8 sensor_msgs/Image with the input's header."""
     ids = np.ascontiguousarray(ids, np.uint8)

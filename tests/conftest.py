@@ -133,6 +133,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ddp_worker_start(rank: int, world: int, port: int, cfg, run_dir: str):
+    """A process mp.spawn started, set up as torchrun starts one (its rendezvous variables, one thread), joined to the
+    run's process group; returns (env, train, val) of `cfg` in `run_dir`."""
+    from pipeline.stages import datasets
+    from pipeline.train import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return (env, *datasets(cfg, Path(run_dir), env))
+
+
+def ddp_worker_finish(trainer, model, env, out: str) -> None:
+    """Train, then the main process saves `model`'s parameters to `out`; a group of several processes is closed."""
+    trainer.fit()
+    if env.main:
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, out)
+    if env.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def ddp_and_one_process(worker: Callable, root: str, tmp_path: Path) -> tuple[dict, dict]:
+    """The parameters `worker(rank, world, port, root, run_dir, accumulate, out)` saves after training in two gloo
+    processes with accumulate 1, and in one process with accumulate 2: the same global batch."""
+    import torch.multiprocessing as mp
+
+    ddp, single = tmp_path / "ddp.pt", tmp_path / "single.pt"
+    mp.spawn(worker, args=(2, free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
+    mp.spawn(worker, args=(1, free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
+    return torch.load(ddp), torch.load(single)
+
+
+def kill_at_step(proc: subprocess.Popen, pointer: Path, step: int, timeout: float = 240) -> int:
+    """SIGKILL a training run (start_cli) once its checkpoint pointer `pointer` (checkpoints/<role>/last.json) says
+    `step` or later; returns the step it had reached. Fails when the run ends or errs first."""
+    import json
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= step:
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(pointer.read_text())["step"]
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every module a Python file imports, by its dotted name (relative imports as their module part)."""
     names = set()

@@ -6,8 +6,6 @@ import argparse
 import itertools
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,16 @@ from pipeline import config as config_mod
 from pipeline import quant
 from pipeline.errors import ConfigError
 from pipeline.io import load_state, sha256_file
-from tests.conftest import run_cli, splits, spread_student, start_cli
+from tests.conftest import (
+    ddp_and_one_process,
+    ddp_worker_finish,
+    ddp_worker_start,
+    kill_at_step,
+    run_cli,
+    splits,
+    spread_student,
+    start_cli,
+)
 from tests.test_preflight import refused
 from tests.test_train import DATA, TINY
 
@@ -100,37 +107,20 @@ def test_the_modules_start_from_the_distill_state_when_it_matches(synthetic, tmp
 
 
 def _qad_worker(rank: int, world: int, port: int, root: str, run_dir: str, accumulate: int, out: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from pipeline.stages import datasets, qad_method, qad_student
-    from pipeline.train import Trainer, init_distributed
+    from pipeline.stages import qad_method, qad_student
+    from pipeline.train import Trainer
 
     cfg = config_mod.load(None, [*TINY, f"data.root={root}", "qad.steps=3", "train.batch_size=2",
                                  f"train.accumulate={accumulate}", "train.eval_every=100", "train.ckpt_every=100",
                                  "qad.calibration_frames=2", "qad.lr=1e-3", "train.device=cpu"])
-    env = init_distributed("cpu")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    train, val = datasets(cfg, Path(run_dir), env)
+    env, train, val = ddp_worker_start(rank, world, port, cfg, run_dir)
     qmodel, _ = qad_student(cfg, _model(train, 2), train, val)
-    Trainer("qad", cfg, Path(run_dir), qmodel, qad_method(cfg, _model(train, 1), qmodel), train, val, env).fit()
-    if env.main:
-        torch.save({k: v.detach().clone() for k, v in qmodel.named_parameters()}, out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    trainer = Trainer("qad", cfg, Path(run_dir), qmodel, qad_method(cfg, _model(train, 1), qmodel), train, val, env)
+    ddp_worker_finish(trainer, qmodel, env, out)
 
 
 def test_two_gloo_processes_train_qad_as_one_process_with_the_same_global_batch(synthetic, tmp_path):
-    import torch.multiprocessing as mp
-
-    from tests.conftest import free_port
-
-    root, ddp, single = str(synthetic(*DATA)), tmp_path / "ddp.pt", tmp_path / "single.pt"
-    mp.spawn(_qad_worker, args=(2, free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
-    mp.spawn(_qad_worker, args=(1, free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
-    a, b = torch.load(ddp), torch.load(single)
+    a, b = ddp_and_one_process(_qad_worker, str(synthetic(*DATA)), tmp_path)
     assert set(a) == set(b) and any(k.endswith("amax") for k in a)
     for k in a:  # weights, and the activation ranges LSQ moved, all-reduced like every other gradient
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
@@ -175,17 +165,7 @@ def test_a_killed_qad_run_resumes_to_the_uninterrupted_states(made_run, syntheti
     args = _args(synthetic, "qad.steps=10", "train.ckpt_every=2", "train.eval_every=10")
     straight = start_cli("qad", "--run-dir", str(runs["straight"]), *args, cwd=tmp_path)
     proc = start_cli("qad", "--run-dir", str(runs["killed"]), *args, cwd=tmp_path)
-    pointer = runs["killed"] / "checkpoints" / "qad" / "last.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 4:
-            break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 4 <= json.loads(pointer.read_text())["step"] < 10
+    assert 4 <= kill_at_step(proc, runs["killed"] / "checkpoints" / "qad" / "last.json", 4) < 10
     assert not (runs["killed"] / "student.qad.last.safetensors").exists()
     code, _, err = run_cli("qad", "--run-dir", str(runs["killed"]), *args, cwd=tmp_path, timeout=300)
     assert code == 0, err[-3000:]

@@ -2,14 +2,10 @@
 and the CLI chains teacher -> distill in one run directory."""
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from pipeline import amp
@@ -18,7 +14,7 @@ from pipeline.artifacts import read_sidecar
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
 from pipeline.train import dist_plan
-from tests.conftest import free_port, run_cli, start_cli
+from tests.conftest import ddp_and_one_process, ddp_worker_finish, ddp_worker_start, kill_at_step, run_cli, start_cli
 
 TINY = ["data.synthetic_train=12", "data.synthetic_val=4", "data.synthetic_size=64x128", "data.size=64x96",
         "teacher.variant=mit_b0", "student.variant=mit_b0", "train.warmup_steps=2", "train.log_every=1"]
@@ -29,35 +25,21 @@ DATA = (12, 4, (64, 128))  # the synthetic set TINY describes, made once by conf
 
 
 def _train_worker(rank: int, world: int, port: int, root: str, run_dir: str, accumulate: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     from pipeline.distill import build_method
-    from pipeline.models import build_model
-    from pipeline.stages import datasets
-    from pipeline.train import Trainer, init_distributed
+    from pipeline.train import Trainer
 
     cfg = config_mod.load(None, TINY + [f"data.root={root}", "train.steps=3", "train.batch_size=2",
                                         f"train.accumulate={accumulate}", "train.eval_every=100",
                                         "train.ckpt_every=100", "data.flip=true", "train.device=cpu"])
-    env = init_distributed("cpu")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    train, val = datasets(cfg, Path(run_dir), env)
+    env, train, val = ddp_worker_start(rank, world, port, cfg, run_dir)
     torch.manual_seed(0)
     teacher, student = build_model("mit_b0"), build_model("mit_b0")
     method = build_method("transkd-base", teacher, student)
-    Trainer("student", cfg, Path(run_dir), student, method, train, val, env).fit()
-    if env.main:
-        torch.save({k: v.detach().clone() for k, v in student.named_parameters()}, out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    ddp_worker_finish(Trainer("student", cfg, Path(run_dir), student, method, train, val, env), student, env, out)
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, synthetic):
-    root, ddp, single = str(synthetic(*DATA)), tmp_path / "ddp.pt", tmp_path / "single.pt"
-    mp.spawn(_train_worker, args=(2, free_port(), root, str(tmp_path / "ddp"), 1, str(ddp)), nprocs=2)
-    mp.spawn(_train_worker, args=(1, free_port(), root, str(tmp_path / "one"), 2, str(single)), nprocs=1)
-    a, b = torch.load(ddp), torch.load(single)
+    a, b = ddp_and_one_process(_train_worker, str(synthetic(*DATA)), tmp_path)
     torch.manual_seed(0)  # the workers' initial weights, rebuilt: teacher first, then the student
     build_model("mit_b0")
     start = dict(build_model("mit_b0").named_parameters())
@@ -99,17 +81,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, synth
     assert code == 0, err
 
     proc = start_cli("teacher", "--run-dir", str(tmp_path / "killed"), *args, cwd=tmp_path)
-    pointer = tmp_path / "killed" / "checkpoints" / "teacher" / "last.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 9:
-            break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(pointer.read_text())["step"]
+    killed_at = kill_at_step(proc, tmp_path / "killed" / "checkpoints" / "teacher" / "last.json", 9)
     assert 9 <= killed_at < 30
     assert not (tmp_path / "killed" / "teacher.last.safetensors").exists()
 

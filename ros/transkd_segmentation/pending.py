@@ -15,11 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.rosmsg import stamp_ns
+
 CLOCK_JUMP_NS = 1_000_000_000  # a stamp this much older than the last synchronised batch: the clock went back
-
-
-def stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 @dataclass
@@ -133,4 +131,4 @@ class PendingFrames:
             self._cond.notify_all()
 
 
-__all__ = ["PendingFrames", "Waiting", "best_group", "stamp_ns"]
+__all__ = ["PendingFrames", "Waiting", "best_group"]

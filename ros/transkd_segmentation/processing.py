@@ -20,7 +20,8 @@ import numpy as np
 from pipeline import rosmsg
 from pipeline.batching import CameraFrame, decode, segment_frames
 from pipeline.errors import InputError
-from transkd_segmentation.pending import PendingFrames, stamp_ns
+from pipeline.rosmsg import stamp_ns
+from transkd_segmentation.pending import PendingFrames
 from transkd_segmentation.stats import (
     ERROR,
     OK,
